@@ -1,0 +1,51 @@
+"""What every entry point shares: Ray start-up, one-line errors, the JSON result line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+from jobs.spec import SpecError
+from pipeline.alphabet import AlphabetError
+from pipeline.build import PipelineError
+from pipeline.layout import LayoutError
+from pipeline.reader import DatasetError
+from pipeline.storage import StorageError
+from train.checkpoint import CheckpointError
+
+# Errors that the user can fix: one line on stderr and exit 2, no traceback.
+USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError)
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or the job's own), else start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", log_to_driver=True)  # dashboard on 127.0.0.1: Ray Train needs its state API
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def print_result(result: dict) -> None:
+    """The last stdout line: one JSON object that schedulers read."""
+    print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def main(run: Callable[[], dict | None]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        result = run()
+    except USER_ERRORS as exc:
+        print(f"charnn: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("charnn: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    if result is not None:
+        print_result(result)

@@ -1,0 +1,313 @@
+"""Job spec: a typed config tree read from YAML, with `extend` inheritance and --set overrides.
+
+A spec file holds sections (data, model, train, cluster, run, storage) of plain keys. Every
+problem raises SpecError with a one-line message naming the file, the dotted key and the fix,
+so a bad spec fails before any Ray worker starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import math
+import operator
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A spec problem; the message is always a single line."""
+
+    def __init__(self, message: str):
+        # Values and paths can carry newlines; log lines and CLI errors must stay one line.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _f(default: Any, **rules: Any) -> Any:
+    """A field whose constraints live in metadata (gt, ge, lt, le, choices, pattern, nonempty)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = _f([], nonempty=True)  # URLs, dirs, globs or "corpus:NAME"
+    alphabet: str = _f("gorner98", choices=("gorner98", "bytes"))
+    seq_len: int = _f(30, gt=0)
+    dataset_root: str = "~/.cache/charnn/datasets"
+    val_fraction: float = _f(0.1, gt=0, lt=1)
+    shard_mb: int = _f(64, gt=0)
+
+
+@dataclass
+class ModelConfig:
+    cell_size: int = _f(512, gt=0)
+    layers: int = _f(3, gt=0)
+    dropout: float = _f(0.2, ge=0, lt=1)
+    embedding: int = _f(0, ge=0)  # 0 means one-hot input
+
+
+@dataclass
+class TrainConfig:
+    batch_per_worker: int = _f(200, gt=0)
+    steps: int = _f(0, ge=0)  # 0 means use epochs
+    epochs: int = _f(10, gt=0)
+    lr: float = _f(0.001, gt=0)
+    seed: int = 0
+    warmup_steps: int = _f(0, ge=0)
+    schedule: str = _f("constant", choices=("constant", "cosine", "step"))
+    min_lr_ratio: float = _f(0.1, ge=0, le=1)
+    grad_clip: float = _f(0.0, ge=0)  # 0 means off
+    epoch_state: str = _f("roll", choices=("roll", "reset"))
+    log_every: int = _f(50, gt=0)
+    validate_every: int = _f(0, ge=0)  # 0 means only at the end
+    checkpoint_every: int = _f(500, ge=0)  # 0 means only at the end
+    sample_every: int = _f(0, ge=0)
+    sample_length: int = _f(200, gt=0)
+    num_to_keep: int = _f(3, gt=0)
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = _f(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = _f(1, gt=0)
+    max_failures: int = _f(0, ge=0)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("charnn", pattern=r"[A-Za-z0-9._-]+")
+    storage: str = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint override (MinIO, moto)
+    region: Optional[str] = None
+    anon: bool = False
+
+
+@dataclass
+class Spec:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Spec)
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="),
+           "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+_BAD = object()
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, tuple[Any, dict]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)}
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+def _coerce(hint: Any, v: Any) -> Any:
+    """Return v as the hinted type, or _BAD. Strict on purpose: YAML's `yes`/`1.0` should not
+    silently become a bool or an int."""
+    if hint is int:
+        return v if isinstance(v, int) and not isinstance(v, bool) else _BAD
+    if hint is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return _BAD
+        try:
+            v = float(v)
+        except OverflowError:
+            return _BAD
+        return v if math.isfinite(v) else _BAD
+    if hint is bool or hint is str:
+        return v if type(v) is hint else _BAD
+    if hint == Optional[str]:
+        return v if v is None or isinstance(v, str) else _BAD
+    if hint == list[str]:
+        if isinstance(v, str):
+            return [v]
+        return list(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else _BAD
+    raise TypeError(f"unsupported spec field type {hint!r}")
+
+
+_TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str",
+               Optional[str]: "a str or null", list[str]: "a str or a list of str"}
+
+
+def _check_rules(dotted: str, v: Any, rules: dict, origin: str) -> None:
+    for rule, arg in rules.items():
+        if rule in _BOUNDS:
+            op, sym = _BOUNDS[rule]
+            ok, need = op(v, arg), f"be {sym} {arg}"
+        elif rule == "choices":
+            ok, need = v in arg, f"be one of {', '.join(arg)}"
+        elif rule == "pattern":
+            ok, need = re.fullmatch(arg, v) is not None, f"match {arg}"
+        else:  # nonempty
+            ok, need = bool(v) == arg, "be non-empty"
+        if not ok:
+            raise SpecError(f"{dotted} must {need}, got {v!r} (in {origin})")
+
+
+def _unknown(origin: str, what: str, name: Any, prefix: str, valid: Sequence[str]) -> SpecError:
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+    return SpecError(f"{origin}: unknown {what} '{prefix}{name}' ({hint})")
+
+
+def _convert_tree(d: Any, origin: str) -> dict[str, dict[str, Any]]:
+    """Type-check and coerce a partial {section: {key: value}} tree; absent keys stay absent."""
+    if not isinstance(d, dict):
+        raise SpecError(f"{origin}: top level must be a mapping of sections, got {_show(d)}")
+    out: dict[str, dict[str, Any]] = {}
+    for section, body in d.items():
+        if section not in _SECTIONS:
+            raise _unknown(origin, "section", section, "", list(_SECTIONS))
+        if body is None:  # `train:` with nothing under it
+            body = {}
+        if not isinstance(body, dict):
+            raise SpecError(f"{origin}: {section} must be a mapping of keys, got {_show(body)}")
+        fields = _fields(_SECTIONS[section])
+        conv = out[section] = {}
+        for key, v in body.items():
+            if key not in fields:
+                raise _unknown(origin, "key", key, f"{section}.", list(fields))
+            hint, rules = fields[key]
+            value = _coerce(hint, v)
+            if value is _BAD:
+                need = _TYPE_NAMES[hint]
+                if hint is float and type(v) in (int, float):  # inf, nan, or an int too big
+                    need += " (finite)"
+                raise SpecError(f"{origin}: {section}.{key} must be {need}, got {_show(v)}")
+            _check_rules(f"{section}.{key}", value, rules, origin)
+            conv[key] = value
+    return out
+
+
+def spec_from_dict(d: dict, origin: str = "<dict>") -> Spec:
+    """Build and validate a Spec from a plain, possibly partial dict; absent keys take defaults."""
+    tree = _convert_tree(d, origin)
+    spec = Spec(**{name: cls(**tree.get(name, {})) for name, cls in _SECTIONS.items()})
+    # Defaults are checked too: data.sources has no valid default.
+    for name, cls in _SECTIONS.items():
+        for key, (_, rules) in _fields(cls).items():
+            _check_rules(f"{name}.{key}", getattr(getattr(spec, name), key), rules, origin)
+    return spec
+
+
+def spec_to_dict(spec: Spec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def dump_spec(spec: Spec) -> str:
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _read(path: str, missing: str) -> Any:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            return yaml.safe_load(fh)  # safe_load only: specs must never run code
+    except FileNotFoundError:
+        raise SpecError(missing) from None
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else "?"
+        raise SpecError(f"{path}:{line}: invalid YAML: {e.problem or e.context}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read spec file: {e}") from None
+
+
+def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str) -> dict:
+    """Merge a file over its parents; `chain` holds (realpath, shown path) of the files above."""
+    real = os.path.realpath(os.path.expanduser(path))
+    reals = [r for r, _ in chain]
+    if real in reals:
+        start = chain[reals.index(real)][1]
+        loop = [shown for _, shown in chain[reals.index(real):]] + [path]
+        names = " -> ".join(os.path.relpath(p, os.path.dirname(start) or ".") for p in loop)
+        raise SpecError(f"{start}: extend cycle {names}")
+    raw = _read(path, missing)
+    if raw is None:  # an empty or comment-only file
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: top level of a spec file must be a mapping, got {_show(raw)}")
+    own = dict(raw)
+    parents = own.pop("extend", None)
+    parents = [] if parents is None else [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        got = _show(raw["extend"])
+        raise SpecError(f"{path}: extend must be a path or a list of paths, got {got}")
+    merged: dict = {}
+    for parent in parents:  # later parents win
+        ppath = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(parent)))
+        merged = _merge(merged, _resolve(ppath, chain + ((real, path),),
+                                         f"{path}: extends missing file '{parent}'"))
+    return _merge(merged, _convert_tree(own, path))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    origin = f"--set {text}"
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise SpecError(f"{origin}: expected dotted.key=value")
+    if not raw.strip():
+        return parts, ""  # `--set run.name=` means empty string, not null
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or e
+        raise SpecError(f"{origin}: value is not valid YAML ({problem}); quote it") from None
+
+
+def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
+    """Load a spec file, resolve `extend`, apply `dotted.key=value` overrides in order, validate."""
+    tree = _resolve(path, (), f"spec file not found: {path}")
+    for text in overrides:
+        parts, value = _parse_override(text)
+        for part in reversed(parts):
+            value = {part: value}
+        tree = _merge(tree, _convert_tree(value, f"--set {text}"))
+    return spec_from_dict(tree, origin=path)
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, default_spec: str | None = None) -> None:
+    default = f" (default: {default_spec})" if default_spec else ""
+    parser.add_argument("--spec", metavar="PATH", default=default_spec,
+                        required=default_spec is None, help="job spec YAML file" + default)
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="overrides", default=[],
+                        help="override a spec key, value parsed as YAML (repeatable), "
+                             "e.g. --set train.lr=0.002 --set data.sources=[a,b]")
+
+
+def spec_from_args(args: argparse.Namespace) -> Spec:
+    return load_spec(args.spec, getattr(args, "overrides", None) or ())
+
+
+def expand_path(url: str) -> str:
+    """Expand `~` and absolutize local paths; URLs (anything with "://") pass through."""
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))

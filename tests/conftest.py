@@ -1,0 +1,69 @@
+"""Shared fixtures: a loopback-only environment, generated corpora, a real local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LOOPBACK_ENV = {
+    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
+    "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+    "AWS_EC2_METADATA_DISABLED": "true", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+os.environ.update(LOOPBACK_ENV)
+
+WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows "
+         "of outrageous fortune take arms against a sea troubles").split()
+
+
+def write_corpus(directory: Path, documents: int, lines: int, seed: int = 0, prefix: str = "doc") -> list[Path]:
+    """Seeded pseudo-text documents: small, varied, and the same on every run."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(documents):
+        text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + "."
+                         for _ in range(lines))
+        path = directory / f"{prefix}-{i:03d}.txt"
+        path.write_text(text + "\n")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    directory = tmp_path / "corpus"
+    write_corpus(directory, documents=8, lines=120)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for in-process pipeline tests, shut down with the module."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def run_job(script: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600):
+    """Run an entry point as a user would; returns (completed process, parsed last JSON line or None)."""
+    full_env = {**os.environ, **LOOPBACK_ENV, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None) if env is None or "RAY_ADDRESS" not in env else None
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if proc.returncode == 0 and lines and lines[-1].startswith("{") else None
+    return proc, result

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from pipeline.alphabet import AlphabetError, alphabet_size, decode, encode, encode_text, unknown_fraction
+
+
+def test_gorner98_table_matches_the_seed():
+    codes = encode(b"\t\n A~")
+    assert codes.tolist() == [1, 97, 2, 35, 96]
+    assert codes.dtype == np.uint8
+
+
+def test_line_endings_are_normalised_to_lf():
+    assert encode(b"a\r\nb\rc\n").tolist() == encode(b"a\nb\nc\n").tolist()
+
+
+def test_non_ascii_characters_are_one_unknown_code_each():
+    codes = encode_text("é€a")
+    assert codes.tolist() == [0, 0, ord("a") - 30]
+    assert encode(b"\xff\xfea").tolist() == [0, 0, ord("a") - 30]  # invalid UTF-8 bytes are replaced
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("\t\n")))
+def test_gorner98_round_trip(text):
+    assert decode(encode_text(text)) == text
+
+
+@given(st.binary())
+def test_bytes_alphabet_is_lossless(data):
+    codes = encode(data, "bytes")
+    assert codes.tobytes() == data
+    assert codes.dtype == np.uint8
+
+
+@given(st.binary())
+def test_gorner98_codes_stay_in_range(data):
+    codes = encode(data)
+    assert codes.size <= len(data)
+    assert codes.size == 0 or int(codes.max()) < 98
+
+
+def test_unknown_fraction_flags_binary_data():
+    assert unknown_fraction(encode(bytes(range(256)) * 4)) > 0.5
+    assert unknown_fraction(encode_text("plain text\n")) == 0.0
+
+
+def test_unknown_alphabet_is_a_clear_error():
+    with pytest.raises(AlphabetError, match="unknown alphabet 'latin'"):
+        alphabet_size("latin")

@@ -1,0 +1,104 @@
+"""The Ray Data pipeline on a real local Ray, against real files."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_corpus
+from pipeline.alphabet import encode
+from pipeline.build import DatasetRequest, PipelineError, build_dataset
+from pipeline.reader import SplitReader, load_manifest
+from pipeline.storage import StorageError
+
+pytestmark = pytest.mark.ray
+
+
+def request(tmp_path, sources, **overrides):
+    fields = dict(sources=[str(s) for s in sources], alphabet="gorner98", seq_len=8, rows=4, workers=2,
+                  val_fraction=0.25, shard_mb=1, dataset_root=str(tmp_path / "datasets"))
+    return DatasetRequest(**{**fields, **overrides})
+
+
+def expected_stream(manifest, split):
+    docs = [d for d in manifest["sources"] if d["split"] == split]
+    return np.concatenate([encode(open(d["url"], "rb").read()) for d in sorted(docs, key=lambda d: d["url"])])
+
+
+def read_rows(url, manifest, split, world):
+    """Every row of a split, reassembled from the windows each rank reads."""
+    rows = []
+    for rank in range(world):
+        windows = [w for _, w in SplitReader(url, manifest, split, rank, world).windows()]
+        rows += list(np.concatenate([w[:, :-1] for w in windows] + [windows[-1][:, -1:]], axis=1))
+    return rows
+
+
+def test_dataset_rows_are_the_split_streams_laid_out(ray_local, tmp_path, corpus):
+    url = build_dataset(request(tmp_path, [corpus], shard_mb=1))
+    manifest = load_manifest(url)
+    assert manifest["format"] == "charnn.rows/1" and manifest["alphabet"] == "gorner98"
+    assert {d["split"] for d in manifest["sources"]} == {"train", "val"}
+    assert all(d["identity"].startswith("sha256:") for d in manifest["sources"])
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        stream = expected_stream(manifest, split)
+        assert info["tokens"] == stream.size
+        L = info["row_length"]
+        assert L == ((stream.size - 1) // (info["rows"] * 8)) * 8
+        for r, row in enumerate(read_rows(url, manifest, split, 2)):
+            assert np.array_equal(row, stream[r * L : r * L + L + 1])
+
+
+def test_windows_come_in_order_from_a_start_step(ray_local, tmp_path, corpus):
+    url = build_dataset(request(tmp_path, [corpus]))
+    manifest = load_manifest(url)
+    reader = SplitReader(url, manifest, "train", 1, 2)
+    all_windows = list(reader.windows())
+    assert [s for s, _ in all_windows] == list(range(manifest["splits"]["train"]["steps"]))
+    later = list(reader.windows(start_step=3))
+    assert later[0][0] == 3 and np.array_equal(later[0][1], all_windows[3][1])
+    assert all(w.shape == (2, 9) for _, w in all_windows)
+
+
+def test_rebuild_reuses_the_dataset_and_cached_documents(ray_local, tmp_path, corpus, capfd):
+    first = build_dataset(request(tmp_path, [corpus]))
+    assert build_dataset(request(tmp_path, [corpus])) == first
+    write_corpus(corpus, documents=1, lines=50, seed=9, prefix="added")
+    capfd.readouterr()
+    second = build_dataset(request(tmp_path, [corpus]))
+    assert second != first
+    assert "9 documents (8 reused from cache)" in capfd.readouterr().err
+
+
+def test_manifest_is_written_last_and_shards_hold_their_rows(ray_local, tmp_path, corpus):
+    url = build_dataset(request(tmp_path, [corpus]))
+    manifest = json.loads(open(f"{url}/manifest.json").read())
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            assert shard["path"].startswith(split)
+            assert shard["rows"] == [shard["worker"] * 2, shard["worker"] * 2 + 2]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("missing", "matches no files"), ("empty", "corpus is empty"), ("small", "too small for one step"),
+     ("uneven", "cannot be split evenly")],
+)
+def test_bad_input_is_one_clear_error_and_writes_no_dataset(ray_local, tmp_path, case, message):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    kwargs = {}
+    if case == "empty":
+        (corpus / "a.txt").write_text("")
+        (corpus / "b.txt").write_text("")
+    elif case == "small":
+        (corpus / "a.txt").write_text("tiny text\n")
+        (corpus / "b.txt").write_text("more tiny text\n")
+    elif case == "uneven":
+        write_corpus(corpus, 3, 50)
+        kwargs = {"rows": 5, "workers": 2}
+    source = corpus / "nothing-*.txt" if case == "missing" else corpus
+    with pytest.raises((PipelineError, StorageError), match=message) as info:
+        build_dataset(request(tmp_path, [source], **kwargs))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "datasets").glob("*/manifest.json"))

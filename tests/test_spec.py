@@ -1,0 +1,384 @@
+"""Tests for jobs.spec: real YAML files in tmp_path, no mocks, no Ray."""
+import argparse
+import dataclasses
+import os
+import typing
+
+import pytest
+import yaml
+from hypothesis import given, settings, strategies as st
+
+from jobs.spec import (
+    Spec, SpecError, add_spec_arguments, dump_spec, expand_path, load_spec,
+    spec_from_args, spec_from_dict, spec_to_dict,
+)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(fn, *args, **kwargs):
+    with pytest.raises(SpecError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def minimal(tmp_path, extra="", name="x.yaml"):
+    return write(tmp_path, name, "data:\n  sources: [corpus:tiny]\n" + extra)
+
+
+# --- loading and defaults -------------------------------------------------------------------
+
+def test_defaults(tmp_path):
+    spec = load_spec(minimal(tmp_path))
+    assert spec.data.sources == ["corpus:tiny"]
+    assert spec.data.alphabet == "gorner98" and spec.data.seq_len == 30
+    assert spec.model.cell_size == 512 and spec.model.layers == 3 and spec.model.dropout == 0.2
+    assert spec.train.batch_per_worker == 200 and spec.train.lr == 0.001
+    assert spec.train.schedule == "constant" and spec.train.epoch_state == "roll"
+    assert spec.cluster.num_workers == 1 and spec.cluster.use_gpu is False
+    assert spec.run.name == "charnn" and spec.run.storage == "~/charnn/runs"
+    assert spec.storage.endpoint_url is None and spec.storage.anon is False
+    rest = Spec()
+    rest.data.sources = ["corpus:tiny"]
+    assert spec == rest
+
+
+def test_single_source_string_is_wrapped(tmp_path):
+    path = write(tmp_path, "x.yaml", "data:\n  sources: https://example.com/a.txt\n")
+    assert load_spec(path).data.sources == ["https://example.com/a.txt"]
+
+
+def test_int_given_for_float_becomes_float(tmp_path):
+    spec = load_spec(minimal(tmp_path, "train:\n  lr: 1\n"))
+    assert spec.train.lr == 1.0 and isinstance(spec.train.lr, float)
+
+
+def test_empty_section_and_empty_file(tmp_path):
+    assert load_spec(minimal(tmp_path, "train:\n")).train == Spec().train
+    write(tmp_path, "empty.yaml", "# nothing here\n")
+    path = write(tmp_path, "child.yaml", "extend: empty.yaml\ndata: {sources: [a]}\n")
+    assert load_spec(path).data.sources == ["a"]
+
+
+# --- extend ---------------------------------------------------------------------------------
+
+def test_single_extend_and_deep_merge(tmp_path):
+    write(tmp_path, "base.yaml",
+          "data:\n  sources: [a, b]\n  seq_len: 50\ntrain:\n  lr: 0.01\n  steps: 7\n")
+    path = write(tmp_path, "child.yaml",
+                 "extend: base.yaml\ndata:\n  seq_len: 60\ntrain:\n  lr: 0.5\n")
+    spec = load_spec(path)
+    assert spec.data.seq_len == 60 and spec.data.sources == ["a", "b"]
+    assert spec.train.lr == 0.5 and spec.train.steps == 7
+
+
+def test_lists_are_replaced_not_merged(tmp_path):
+    write(tmp_path, "base.yaml", "data:\n  sources: [a, b]\n")
+    path = write(tmp_path, "child.yaml", "extend: base.yaml\ndata:\n  sources: [c]\n")
+    assert load_spec(path).data.sources == ["c"]
+
+
+def test_extend_list_later_parent_wins(tmp_path):
+    write(tmp_path, "p1.yaml", "data: {sources: [one]}\ntrain: {lr: 0.1, steps: 1}\n")
+    write(tmp_path, "p2.yaml", "train: {lr: 0.2}\nmodel: {layers: 5}\n")
+    spec = load_spec(write(tmp_path, "c.yaml", "extend: [p1.yaml, p2.yaml]\n"))
+    assert spec.train.lr == 0.2 and spec.train.steps == 1 and spec.model.layers == 5
+    spec = load_spec(write(tmp_path, "d.yaml", "extend: [p2.yaml, p1.yaml]\n"))
+    assert spec.train.lr == 0.1 and spec.model.layers == 5
+    spec = load_spec(write(tmp_path, "e.yaml", "extend: [p2.yaml, p1.yaml]\ntrain: {lr: 0.3}\n"))
+    assert spec.train.lr == 0.3
+
+
+def test_extend_is_relative_to_extending_file(tmp_path):
+    write(tmp_path, "specs/base/common.yaml", "data: {sources: [x]}\nmodel: {layers: 2}\n")
+    write(tmp_path, "specs/mid.yaml", "extend: base/common.yaml\nmodel: {cell_size: 64}\n")
+    path = write(tmp_path, "specs/runs/leaf.yaml", "extend: ../mid.yaml\n")
+    spec = load_spec(path)
+    assert (spec.model.layers, spec.model.cell_size) == (2, 64)
+
+
+def test_diamond_is_not_a_cycle(tmp_path):
+    write(tmp_path, "base.yaml", "data: {sources: [x]}\ntrain: {steps: 1}\n")
+    write(tmp_path, "b.yaml", "extend: base.yaml\ntrain: {lr: 0.2}\n")
+    write(tmp_path, "c.yaml", "extend: base.yaml\ntrain: {seed: 3}\n")
+    spec = load_spec(write(tmp_path, "a.yaml", "extend: [b.yaml, c.yaml]\n"))
+    assert (spec.train.steps, spec.train.lr, spec.train.seed) == (1, 0.2, 3)
+
+
+# --- overrides ------------------------------------------------------------------------------
+
+def test_overrides(tmp_path):
+    spec = load_spec(minimal(tmp_path), [
+        "train.steps=3", "train.lr=0.5", "cluster.use_gpu=true", "data.sources=[a, b]",
+        "storage.endpoint_url=http://localhost:9000", "run.name=exp-1.2_b",
+    ])
+    assert spec.train.steps == 3 and spec.train.lr == 0.5 and spec.cluster.use_gpu is True
+    assert spec.data.sources == ["a", "b"] and spec.storage.endpoint_url == "http://localhost:9000"
+    assert spec.run.name == "exp-1.2_b"
+
+
+def test_override_null_optional_and_order(tmp_path):
+    path = minimal(tmp_path, "storage:\n  region: eu-west-1\n")
+    assert load_spec(path).storage.region == "eu-west-1"
+    assert load_spec(path, ["storage.region=null"]).storage.region is None
+    assert load_spec(path, ["train.seed=1", "train.seed=2"]).train.seed == 2
+
+
+def test_override_empty_value_is_empty_string(tmp_path):
+    assert load_spec(minimal(tmp_path), ["run.storage="]).run.storage == ""
+
+
+def test_override_whole_section_mapping(tmp_path):
+    spec = load_spec(minimal(tmp_path, "train: {steps: 9}\n"), ["train={lr: 0.3}"])
+    assert spec.train.lr == 0.3 and spec.train.steps == 9
+
+
+def test_override_supplies_missing_sources(tmp_path):
+    path = write(tmp_path, "x.yaml", "train: {steps: 1}\n")
+    assert load_spec(path, ["data.sources=corpus:tiny"]).data.sources == ["corpus:tiny"]
+
+
+def test_argparse_integration(tmp_path):
+    path = minimal(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_spec_arguments(parser)
+    args = parser.parse_args(["--spec", path, "--set", "train.steps=4", "--set", "model.layers=1"])
+    assert args.overrides == ["train.steps=4", "model.layers=1"]
+    spec = spec_from_args(args)
+    assert spec.train.steps == 4 and spec.model.layers == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    parser = argparse.ArgumentParser()
+    add_spec_arguments(parser, default_spec=path)
+    args = parser.parse_args([])
+    assert args.spec == path and args.overrides == []
+    assert spec_from_args(args).data.sources == ["corpus:tiny"]
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_unknown_key_did_you_mean(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path, "train:\n  stpes: 10\n"))
+    assert "x.yaml" in msg
+    assert "unknown key 'train.stpes' (did you mean 'train.steps'?)" in msg
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path, "cluster:\n  zzzzzz: 1\n"))
+    assert "unknown key 'cluster.zzzzzz'" in msg and "num_workers" in msg
+
+
+def test_unknown_section(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path, "trian:\n  steps: 10\n"))
+    assert "x.yaml" in msg and "unknown section 'trian'" in msg and "did you mean 'train'?" in msg
+
+
+def test_unknown_key_in_parent_names_parent(tmp_path):
+    write(tmp_path, "base.yaml", "model: {layerz: 2}\n")
+    msg = error_of(load_spec, minimal(tmp_path, "extend: base.yaml\n"))
+    assert "base.yaml: unknown key 'model.layerz' (did you mean 'model.layers'?)" in msg
+
+
+def test_unknown_override_key(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path), ["train.stpes=3"])
+    assert msg.startswith("--set train.stpes=3: unknown key 'train.stpes'")
+    assert "did you mean 'train.steps'?" in msg
+
+
+@pytest.mark.parametrize("value, got", [
+    ("ten", "got str 'ten'"), ("true", "got bool True"),
+    ("2.5", "got float 2.5"), ("2.0", "got float 2.0"),
+])
+def test_wrong_type_for_int(tmp_path, value, got):
+    msg = error_of(load_spec, minimal(tmp_path, f"train:\n  steps: {value}\n"))
+    assert "x.yaml" in msg and "train.steps must be an int" in msg and got in msg
+
+
+@pytest.mark.parametrize("section, key, value, need", [
+    ("cluster", "use_gpu", "1", "a bool"), ("cluster", "use_gpu", "'yes'", "a bool"),
+    ("run", "name", "42", "a str"), ("storage", "region", "[a]", "a str or null"),
+    ("data", "sources", "[a, 1]", "a str or a list of str"),
+    ("model", "dropout", "true", "a float"),
+    ("train", "lr", ".inf", "a float"), ("train", "lr", ".nan", "a float"),
+])
+def test_wrong_types(tmp_path, section, key, value, need):
+    base = "" if section == "data" else "data: {sources: [a]}\n"
+    path = write(tmp_path, "x.yaml", f"{base}{section}:\n  {key}: {value}\n")
+    msg = error_of(load_spec, path)
+    assert f"x.yaml: {section}.{key} must be {need}" in msg
+
+
+def test_override_wrong_type(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path), ["train.lr=abc"])
+    assert msg == "--set train.lr=abc: train.lr must be a float, got str 'abc'"
+
+
+def test_section_not_a_mapping(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path, "train: 3\n"))
+    assert "x.yaml" in msg and "train must be a mapping" in msg
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    assert error_of(load_spec, path) == f"spec file not found: {path}"
+
+
+def test_missing_extended_file(tmp_path):
+    path = write(tmp_path, "a.yaml", "extend: nope.yaml\n")
+    assert error_of(load_spec, path) == f"{path}: extends missing file 'nope.yaml'"
+
+
+def test_extend_cycle(tmp_path):
+    a = write(tmp_path, "a.yaml", "extend: b.yaml\n")
+    write(tmp_path, "b.yaml", "extend: a.yaml\ndata: {sources: [x]}\n")
+    assert error_of(load_spec, a) == f"{a}: extend cycle a.yaml -> b.yaml -> a.yaml"
+
+
+def test_self_cycle(tmp_path):
+    a = write(tmp_path, "a.yaml", "extend: [a.yaml]\n")
+    assert error_of(load_spec, a) == f"{a}: extend cycle a.yaml -> a.yaml"
+
+
+def test_extend_must_be_paths(tmp_path):
+    msg = error_of(load_spec, write(tmp_path, "a.yaml", "extend: [1]\n"))
+    assert "a.yaml: extend must be a path or a list of paths" in msg
+
+
+@pytest.mark.parametrize("text", ["foo", "=3", "train..lr=3", ".lr=1"])
+def test_bad_override_syntax(tmp_path, text):
+    msg = error_of(load_spec, minimal(tmp_path), [text])
+    assert msg == f"--set {text}: expected dotted.key=value"
+
+
+def test_override_value_not_yaml(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path), ["data.sources=[a,"])
+    assert msg.startswith("--set data.sources=[a,: value is not valid YAML")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "x.yaml", "data:\n  sources: [a]\ntrain:\n  steps: [1\n  lr: 2\n")
+    msg = error_of(load_spec, path)
+    assert msg.startswith(f"{path}:") and "invalid YAML" in msg
+    assert msg.split(":")[1].isdigit()
+
+
+def test_top_level_not_mapping(tmp_path):
+    msg = error_of(load_spec, write(tmp_path, "x.yaml", "- a\n- b\n"))
+    assert "x.yaml" in msg and "top level of a spec file must be a mapping" in msg
+
+
+def test_unsafe_yaml_tag_is_rejected_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, "x.yaml",
+                 f'data:\n  sources: !!python/object/apply:os.system ["touch {marker}"]\n')
+    msg = error_of(load_spec, path)
+    assert "x.yaml" in msg and not marker.exists()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ("train: {batch_per_worker: 0}", "train.batch_per_worker must be > 0, got 0"),
+    ("data: {alphabet: foo}", "data.alphabet must be one of gorner98, bytes, got 'foo'"),
+    ("model: {dropout: 1.0}", "model.dropout must be < 1, got 1.0"),
+    ("model: {dropout: -0.1}", "model.dropout must be >= 0, got -0.1"),
+    ("data: {val_fraction: 0}", "data.val_fraction must be > 0, got 0.0"),
+    ("train: {schedule: linear}", "train.schedule must be one of constant, cosine, step"),
+    ("train: {min_lr_ratio: 1.5}", "train.min_lr_ratio must be <= 1, got 1.5"),
+    ("run: {name: 'my run'}", "run.name must match [A-Za-z0-9._-]+, got 'my run'"),
+    ("run: {name: ''}", "run.name must match [A-Za-z0-9._-]+"),
+])
+def test_constraint_violations(tmp_path, extra, expect):
+    msg = error_of(load_spec, minimal(tmp_path, extra + "\n"))
+    assert expect in msg and "x.yaml" in msg
+
+
+def test_constraint_from_override_names_override(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path), ["train.batch_per_worker=0"])
+    assert msg == "train.batch_per_worker must be > 0, got 0 (in --set train.batch_per_worker=0)"
+
+
+def test_sources_must_be_non_empty(tmp_path):
+    msg = error_of(load_spec, write(tmp_path, "x.yaml", "train: {steps: 1}\n"))
+    assert "data.sources must be non-empty" in msg and "x.yaml" in msg
+
+
+def test_newlines_in_values_stay_on_one_line(tmp_path):
+    error_of(load_spec, minimal(tmp_path), ["run.name=\"a\\nb\""])
+    error_of(spec_from_dict, {"train": {"x\ny": 1}})
+
+
+# --- dict round trip and dumping ------------------------------------------------------------
+
+def test_round_trip(tmp_path):
+    spec = load_spec(minimal(tmp_path), ["train.steps=5", "storage.endpoint_url=http://m:9000"])
+    d = spec_to_dict(spec)
+    assert isinstance(d, dict) and d["train"]["steps"] == 5
+    assert spec_from_dict(d) == spec
+    assert spec_from_dict(yaml.safe_load(dump_spec(spec))) == spec
+
+
+def test_dump_is_loadable_spec_file(tmp_path):
+    spec = load_spec(minimal(tmp_path), ["model.layers=2"])
+    text = dump_spec(spec)
+    assert text.index("data:") < text.index("model:") < text.index("train:")
+    assert load_spec(write(tmp_path, "dumped.yaml", text)) == spec
+
+
+def test_spec_from_dict_origin(tmp_path):
+    tree = {"data": {"sources": ["a"]}, "train": {"steps": "x"}}
+    msg = error_of(spec_from_dict, tree, origin="ckpt")
+    assert msg == "ckpt: train.steps must be an int, got str 'x'"
+    assert error_of(spec_from_dict, [1]).startswith("<dict>: top level must be a mapping")
+
+
+def test_expand_path():
+    assert expand_path("s3://bucket/runs") == "s3://bucket/runs"
+    assert expand_path("~/runs") == os.path.join(os.path.expanduser("~"), "runs")
+    assert expand_path("rel/dir") == os.path.join(os.getcwd(), "rel/dir")
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+_SECTION_NAMES = ["data", "model", "train", "cluster", "run", "storage"]
+_KEYS = ["sources", "alphabet", "seq_len", "dropout", "lr", "steps", "use_gpu", "name",
+         "endpoint_url", "anon", "schedule", "val_fraction"]
+_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+            | st.sampled_from(["gorner98", "cosine", "x"]))
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6) | st.sampled_from(_KEYS) | st.integers(), inner,
+                      max_size=4),
+    max_leaves=20,
+)
+_sections = st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=6), _values, max_size=5)
+_trees = st.dictionaries(st.sampled_from(_SECTION_NAMES) | st.text(max_size=6) | st.integers(),
+                         _sections | _values, max_size=6)
+
+# Trees with real section and key names, so the fuzz also reaches the success path.
+_SECTION_KEYS = {name: [f.name for f in dataclasses.fields(cls)]
+                 for name, cls in typing.get_type_hints(Spec).items()}
+_near_valid = st.fixed_dictionaries(
+    {"data": st.fixed_dictionaries({"sources": st.lists(st.text(max_size=4), min_size=1)})},
+    optional={name: st.dictionaries(st.sampled_from(keys), _scalars | st.lists(st.text(max_size=3)),
+                                    max_size=4)
+              for name, keys in _SECTION_KEYS.items() if name != "data"},
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_trees | _near_valid)
+def test_fuzz_spec_from_dict_only_raises_spec_error(tree):
+    try:
+        spec = spec_from_dict(tree)
+    except SpecError as e:
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(spec, Spec) and spec.data.sources
+        assert spec_from_dict(spec_to_dict(spec)) == spec

@@ -1,0 +1,115 @@
+"""Checkpoint files: plain tensors and dicts, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint directory holds ``model.pt`` (weights, shape, alphabet, spec, dataset, step)
+and ``optimizer.pt`` from rank 0, plus from every rank the hidden states of the rows it owns
+(``carry-rows-<first>-<stop>.pt``) and its RNG state (``rng-rank<r>.pt``).  Ray Train merges
+the ranks' files into one directory.  Hidden states are stored per row, so a run can resume
+on another number of workers.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+from typing import Any
+
+import torch
+
+from pipeline.storage import StorageError, describe_error, open_url
+from train.model import CharGRU, ModelShape
+
+FORMAT = "charnn.checkpoint/1"
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit the spec."""
+
+
+def save_rank_files(directory: str, rank: int, rows: range, states: torch.Tensor) -> None:
+    torch.save(states.detach().cpu(), os.path.join(directory, f"carry-rows-{rows.start:06d}-{rows.stop:06d}.pt"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(directory, f"rng-rank{rank:04d}.pt"))
+
+
+def save_model_files(directory: str, model: CharGRU, optimizer, scheduler, meta: dict[str, Any]) -> None:
+    torch.save({"format": FORMAT, "model": model.state_dict(), "shape": model.shape.to_dict(), **meta},
+               os.path.join(directory, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, OPTIMIZER_FILE))
+
+
+def _load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or pickled-object files
+        raise CheckpointError(f"{path} is not a readable charnn checkpoint file ({type(exc).__name__}); "
+                              f"use another checkpoint") from None
+
+
+def load_model_file(directory: str) -> dict:
+    path = os.path.join(directory, MODEL_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory} has no {MODEL_FILE}: not a charnn checkpoint")
+    payload = _load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} file")
+    return payload
+
+
+def check_compatible(payload: dict, shape: ModelShape, alphabet: str) -> None:
+    theirs = ModelShape(**payload["shape"])
+    if theirs != shape or payload["alphabet"] != alphabet:
+        raise CheckpointError(
+            f"checkpoint is a {payload['alphabet']} model {theirs}, the spec asks for {alphabet} {shape}; "
+            f"use a new run.name or the checkpoint's model settings"
+        )
+
+
+def load_optimizer_file(directory: str) -> dict:
+    return _load(os.path.join(directory, OPTIMIZER_FILE))
+
+
+def load_row_states(directory: str, rows: range) -> torch.Tensor:
+    """States [layers, len(rows), H] of ``rows``, gathered from whichever ranks saved them."""
+    pieces = {}
+    for path in glob.glob(os.path.join(directory, "carry-rows-*.pt")):
+        first, stop = (int(n) for n in os.path.basename(path)[len("carry-rows-"):-3].split("-"))
+        if first < rows.stop and stop > rows.start:
+            states = _load(path)
+            lo, hi = max(first, rows.start), min(stop, rows.stop)
+            pieces[lo] = states[:, lo - first : hi - first]
+    states = torch.cat([pieces[k] for k in sorted(pieces)], dim=1) if pieces else None
+    if states is None or states.shape[1] != len(rows):
+        raise CheckpointError(f"{directory} lacks hidden states for rows {rows.start}..{rows.stop - 1}")
+    return states
+
+
+def load_rng_file(directory: str, rank: int) -> dict | None:
+    path = os.path.join(directory, f"rng-rank{rank:04d}.pt")
+    return _load(path) if os.path.exists(path) else None
+
+
+def load_model(url: str, storage: Any = None) -> tuple[CharGRU, dict]:
+    """The model of a checkpoint at any storage URL, on the CPU, in eval mode."""
+    try:
+        fs, path = open_url(url.rstrip("/") + "/" + MODEL_FILE, storage)
+        if not fs.exists(path):
+            raise CheckpointError(f"no checkpoint at {url} ({MODEL_FILE} not found); check the URL")
+        data = fs.cat_file(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot read checkpoint {describe_error(url, exc)}") from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{url}/{MODEL_FILE} is not a readable charnn checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{url}/{MODEL_FILE} is not a {FORMAT} file")
+    model = CharGRU(ModelShape(**payload["shape"]))
+    model.load_state_dict(payload["model"])
+    return model.eval(), payload

@@ -1,0 +1,49 @@
+"""Sampling text from a checkpoint, reproducibly, one character at a time."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.alphabet import alphabet_size, decode, encode_text
+from train.checkpoint import CheckpointError, load_model
+
+log = logging.getLogger("charnn.generate")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    prime: str = "K"
+    length: int = 500
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def check(self, vocab: int) -> None:
+        if self.length <= 0:
+            raise CheckpointError(f"--length must be > 0, got {self.length}")
+        if not self.temperature > 0:
+            raise CheckpointError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.top_k <= vocab:
+            raise CheckpointError(f"--top-k must lie in 0..{vocab} (0: no limit), got {self.top_k}")
+        if not self.prime:
+            raise CheckpointError("--prime must hold at least one character")
+
+
+def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]:
+    vocab = alphabet_size(alphabet)
+    options.check(vocab)
+    prime = encode_text(options.prime, alphabet)
+    if alphabet == "gorner98" and (prime == 0).any():
+        log.warning("--prime has %d characters outside the alphabet; they are read as 'unknown'", int((prime == 0).sum()))
+    generator = torch.Generator().manual_seed(options.seed)
+    codes = model.generate(torch.from_numpy(prime).long(), options.length, options.temperature, options.top_k, generator)
+    for code in codes:
+        yield decode([code], alphabet)
+
+
+def stream_text(url: str, options: GenerateOptions, storage: Any = None) -> Iterator[str]:
+    model, payload = load_model(url, storage)
+    yield from sample_text(model, payload["alphabet"], options)

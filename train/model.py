@@ -1,0 +1,78 @@
+"""The seed's character model: one-hot (or embedded) characters -> stacked GRU -> softmax."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything that fixes the parameter tensors' shapes: a checkpoint must match it."""
+
+    vocab: int
+    cell_size: int
+    layers: int
+    embedding: int = 0  # 0: one-hot input, as in the seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharGRU(nn.Module):
+    def __init__(self, shape: ModelShape, dropout: float = 0.0):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab, shape.embedding) if shape.embedding else None
+        self.gru = nn.GRU(
+            shape.embedding or shape.vocab, shape.cell_size, shape.layers, batch_first=True,
+            dropout=dropout if shape.layers > 1 else 0.0,
+        )
+        self.out_dropout = nn.Dropout(dropout)  # the seed also dropped the top cell's output
+        self.head = nn.Linear(shape.cell_size, shape.vocab)
+
+    def zero_state(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(self.shape.layers, batch, self.shape.cell_size, device=device)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, vocab] and the last hidden state [layers, B, cell] for codes x [B, T]."""
+        inputs = self.embed(x) if self.embed is not None else F.one_hot(x, self.shape.vocab).float()
+        outputs, h = self.gru(inputs, h)
+        return self.head(self.out_dropout(outputs)), h
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per character (forward + backward = 3x the matmuls of forward)."""
+        s = self.shape
+        gru = 0
+        for layer in range(s.layers):
+            inputs = (s.embedding or s.vocab) if layer == 0 else s.cell_size
+            gru += 2 * 3 * s.cell_size * (inputs + s.cell_size)
+        return 3 * (gru + 2 * s.cell_size * s.vocab)
+
+    @torch.no_grad()
+    def generate(
+        self, prime: torch.Tensor, length: int, temperature: float = 1.0, top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Codes that follow ``prime`` (1-D codes, warms the state), one at a time."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            logits, h = self(prime.view(1, -1).to(device))
+            for _ in range(length):
+                scores = logits[0, -1].float() / temperature
+                if top_k:
+                    kth = torch.topk(scores, top_k).values[-1]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                code = int(torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator))
+                yield code
+                logits, h = self(torch.tensor([[code]], device=device), h)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,52 @@
+"""Driver side: a ``TorchTrainer`` over the spec's workers, storage and checkpoint policy."""
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from jobs.spec import Spec, spec_to_dict
+from train.loop import train_loop_per_worker
+
+
+def storage_for_ray(url: str, storage) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for RunConfig: S3 endpoint overrides need a filesystem."""
+    if url.startswith(("s3://", "s3a://")) and storage is not None and storage.endpoint_url:
+        scheme = "https" if storage.endpoint_url.startswith("https") else "http"
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=storage.endpoint_url.split("://", 1)[-1], scheme=scheme,
+            region=storage.region or "us-east-1", anonymous=storage.anon,
+        )
+        return url.split("://", 1)[1], fs
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url)), None
+    return url, None
+
+
+def make_trainer(spec: Spec, dataset_url: str) -> TorchTrainer:
+    storage_path, storage_filesystem = storage_for_ray(spec.run.storage, spec.storage)
+    resources = {"CPU": spec.cluster.cpus_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec_to_dict(spec), "dataset": dataset_url},
+        torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu, resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=spec.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+        ),
+    )
+
+
+def checkpoint_url(storage_url: str, checkpoint) -> str:
+    """The checkpoint's URL in the run's storage (Ray gives a filesystem-relative path)."""
+    if "://" in storage_url and "://" not in checkpoint.path:
+        return f"{storage_url.split('://', 1)[0]}://{checkpoint.path}"
+    return checkpoint.path

@@ -4,14 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-# Keep every byte on 127.0.0.1: no usage stats, no cloud metadata probes, no stray proxies.
-export HTTP_PROXY := http://127.0.0.1:9
-export HTTPS_PROXY := http://127.0.0.1:9
-export NO_PROXY := 127.0.0.1,localhost
-export RAY_USAGE_STATS_ENABLED := 0
-export RAY_USAGE_STATS_REPORT_URL := http://127.0.0.1:9/
-export AWS_EC2_METADATA_DISABLED := true
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# Jobs and tests keep every byte on 127.0.0.1: no usage stats, no cloud metadata probes, and a
+# dead proxy for anything else.  pip (install, corpus download) runs outside it: it needs PyPI.
+LOOPBACK := env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+	RAY_USAGE_STATS_ENABLED=0 RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/ \
+	AWS_EC2_METADATA_DISABLED=true RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 .PHONY: demo test install lock clean
 
@@ -24,10 +21,11 @@ $(INSTALLED): pyproject.toml constraints.txt
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) jobs/train.py --spec jobs/specs/shakespeare-demo.yaml
+	$(PY) -m pipeline.corpora shakespeare
+	$(LOOPBACK) $(PY) jobs/train.py --spec jobs/specs/shakespeare-demo.yaml
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q tests
+	$(LOOPBACK) $(PY) -m pytest -q tests
 
 # Re-pin constraints.txt after changing pyproject.toml's ranges.
 lock: $(INSTALLED)

@@ -7,6 +7,7 @@ written last, so a dataset directory without it does not exist for any reader.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import logging
@@ -89,7 +90,8 @@ def _encode_document(row: dict, root: str, alphabet: str, storage) -> dict:
     if cache_fs.exists(cache_path):
         tokens, unknown, reused = cache_fs.size(cache_path), -1.0, True
     else:
-        codes = encode(fs.cat_file(path) if data is None else data, alphabet)
+        data = fs.cat_file(path) if data is None else data
+        codes = encode(gzip.decompress(data) if row["url"].endswith(".gz") else data, alphabet)
         write_bytes_atomic(cache_fs, cache_path, codes.tobytes())
         tokens, unknown, reused = int(codes.size), unknown_fraction(codes, alphabet), False
     return {**row, "identity": identity, "tokens": int(tokens), "unknown": unknown, "reused": reused}

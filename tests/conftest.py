@@ -67,3 +67,71 @@ def run_job(script: str, *args: str, env: dict | None = None, check: bool = True
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1]) if proc.returncode == 0 and lines and lines[-1].startswith("{") else None
     return proc, result
+
+
+# Fake credentials for moto; set before any Ray worker starts so workers inherit them.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto's S3 server on 127.0.0.1, started and stopped by the tests."""
+
+    def __init__(self, env: dict | None = None):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        self.proc = None
+
+    def start(self) -> "MotoServer":
+        import time
+        import urllib.request
+
+        moto = Path(sys.executable).with_name("moto_server")
+        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for _ in range(100):
+            try:
+                opener.open(self.endpoint + "/moto-api/", timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto_server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def upload_dir(self, bucket: str, prefix: str, directory: Path) -> str:
+        client = self.client()
+        for path in sorted(directory.iterdir()):
+            client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+        return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_s3, request) -> str:
+    name = "charnn-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    moto_s3.client().create_bucket(Bucket=name)
+    return name

@@ -102,3 +102,39 @@ def test_bad_input_is_one_clear_error_and_writes_no_dataset(ray_local, tmp_path,
         build_dataset(request(tmp_path, [source], **kwargs))
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "datasets").glob("*/manifest.json"))
+
+
+def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import LOOPBACK_ENV, REPO, run_job
+
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    block = (tmp_path.parent / "x").name.encode() + b" " + bytes(range(32, 127)) + b"\n"
+    for i in range(4):
+        (corpus / f"part-{i}.txt").write_bytes(block * (10_000_000 // len(block)))
+    args = ["--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{corpus}]",
+            "--set", f"data.dataset_root={tmp_path / 'datasets'}", "--set", "data.shard_mb=1"]
+    env = {**os.environ, **LOOPBACK_ENV}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tokenize.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "datasets").glob("*/*.arrow")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before writing shards"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (partial,) = (tmp_path / "datasets").glob("*/")
+    assert not (partial / "manifest.json").exists()
+    with pytest.raises(Exception, match="no manifest.json"):
+        load_manifest(str(partial))
+
+    _, result = run_job("tokenize.py", *args)
+    assert result["dataset"] == str(partial)
+    assert load_manifest(result["dataset"])["splits"]["train"]["tokens"] > 30_000_000

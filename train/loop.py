@@ -130,6 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
     train_loss = train_accuracy = float("nan")
     tokens_per_step = spec.train.batch_per_worker * world * spec.data.seq_len
     windows = None
+    if step >= total_steps and restored:  # a finished run, submitted again: report its final figures
+        ray.train.report({**payload_metrics(restored), "resumed_finished": True})
     while step < total_steps:
         epoch, in_epoch = epoch_of(step, steps_per_epoch)
         if windows is None or in_epoch == 0:
@@ -173,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     say(f"charnn: step {step} val_loss {metrics['val_loss']:.4f} "
                         f"val_acc {metrics['val_accuracy']:.3f} val_bpc {metrics['val_bpc']:.3f}")
-            _report(metrics, save, model, optimizer, scheduler, {**meta, "step": step, "epoch": epoch},
+            _report(metrics, save, model, optimizer, scheduler, {**meta, "step": step, "epoch": epoch, "metrics": metrics},
                     rank, train_rows.rows, states)
 
 
@@ -186,6 +188,11 @@ def _report(metrics, save, model, optimizer, scheduler, meta, rank, rows, states
         if rank == 0:
             ckpt.save_model_files(directory, model, optimizer, scheduler, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def payload_metrics(restored: ray.train.Checkpoint) -> dict:
+    with restored.as_directory() as directory:
+        return ckpt.load_model_file(directory).get("metrics", {})
 
 
 def _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank):

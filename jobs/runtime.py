@@ -48,4 +48,12 @@ def main(run: Callable[[], dict | None]) -> None:
         print("charnn: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     if result is not None:
+        _stop_ray()  # workers' forwarded log lines would otherwise land after the result line
         print_result(result)
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()

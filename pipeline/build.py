@@ -118,7 +118,7 @@ def read_stream(pieces: list[list], begin: int, end: int, storage) -> np.ndarray
         lo, hi = max(begin, offset), min(end, offset + length)
         if lo < hi:
             fs, path = open_url(url, storage)
-            out.append(np.frombuffer(fs.cat_file(path, p_begin + lo - offset, p_begin + hi - offset), np.uint8))
+            out.append(np.frombuffer(fs.cat_file(path, start=p_begin + lo - offset, end=p_begin + hi - offset), np.uint8))
         offset += length
     data = np.concatenate(out) if out else np.zeros(0, np.uint8)
     if data.size != end - begin:

@@ -14,6 +14,7 @@ from pipeline.layout import LayoutError
 from pipeline.reader import DatasetError
 from pipeline.storage import StorageError
 from train.checkpoint import CheckpointError
+from train import TrainingError
 
 # Errors that the user can fix: one line on stderr and exit 2, no traceback.
 USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError)
@@ -44,6 +45,9 @@ def main(run: Callable[[], dict | None]) -> None:
     except USER_ERRORS as exc:
         print(f"charnn: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingError as exc:
+        print(f"charnn: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("charnn: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

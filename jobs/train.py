@@ -17,8 +17,9 @@ from jobs.spec import add_spec_arguments, dump_spec, expand_path, spec_from_args
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
 from pipeline.storage import join, open_url, write_bytes_atomic  # noqa: E402
 from train.generate import GenerateOptions, sample_text  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.trainer import checkpoint_url, make_trainer  # noqa: E402
+from train.checkpoint import check_compatible, latest_checkpoint, load_model, load_payload  # noqa: E402
+from train.loop import model_shape  # noqa: E402
+from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: E402
 
 
 def run() -> dict:
@@ -27,16 +28,18 @@ def run() -> dict:
     spec = spec_from_args(parser.parse_args())
     spec.data.dataset_root = expand_path(spec.data.dataset_root)
     spec.run.storage = expand_path(spec.run.storage)
+    run_url = join(spec.run.storage, spec.run.name)
+    resume_from = latest_checkpoint(run_url, spec.storage)
+    if resume_from:  # fail before any work if the run's checkpoints are of another model
+        check_compatible(load_payload(resume_from, spec.storage), model_shape(spec, spec.data.alphabet), spec.data.alphabet)
     init_ray()
     dataset = build_dataset(DatasetRequest.from_spec(spec))
-
-    run_url = join(spec.run.storage, spec.run.name)
     fs, path = open_url(join(run_url, "spec.yaml"), spec.storage)
     write_bytes_atomic(fs, path, dump_spec(spec).encode())
 
     result = make_trainer(spec, dataset).fit()
     if result.error is not None:
-        raise result.error
+        raise training_error(result.error)
     metrics = result.metrics
     checkpoint = checkpoint_url(spec.run.storage, result.checkpoint)
     model, payload = load_model(checkpoint, spec.storage)

@@ -93,8 +93,20 @@ def load_rng_file(directory: str, rank: int) -> dict | None:
     return _load(path) if os.path.exists(path) else None
 
 
-def load_model(url: str, storage: Any = None) -> tuple[CharGRU, dict]:
-    """The model of a checkpoint at any storage URL, on the CPU, in eval mode."""
+def latest_checkpoint(run_url: str, storage: Any = None) -> str | None:
+    """URL of a run's newest complete checkpoint directory (Ray names them by time), if any."""
+    fs, path = open_url(run_url, storage)
+    if not fs.exists(path):
+        return None
+    names = sorted(p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+    for name in reversed(names):
+        if fs.exists(f"{name}/{MODEL_FILE}"):
+            return run_url.rstrip("/") + "/" + name.rstrip("/").rsplit("/", 1)[-1]
+    return None
+
+
+def load_payload(url: str, storage: Any = None) -> dict:
+    """The contents of a checkpoint's model.pt at any storage URL, tensors on the CPU."""
     try:
         fs, path = open_url(url.rstrip("/") + "/" + MODEL_FILE, storage)
         if not fs.exists(path):
@@ -110,6 +122,12 @@ def load_model(url: str, storage: Any = None) -> tuple[CharGRU, dict]:
         raise CheckpointError(f"{url}/{MODEL_FILE} is not a readable charnn checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{url}/{MODEL_FILE} is not a {FORMAT} file")
+    return payload
+
+
+def load_model(url: str, storage: Any = None) -> tuple[CharGRU, dict]:
+    """The model of a checkpoint at any storage URL, on the CPU, in eval mode."""
+    payload = load_payload(url, storage)
     model = CharGRU(ModelShape(**payload["shape"]))
     model.load_state_dict(payload["model"])
     return model.eval(), payload

@@ -1,12 +1,17 @@
-"""The per-worker training loop: read own rows, step, carry H, validate, checkpoint, report."""
+"""The per-worker training loop: read own rows, step, carry H, validate, checkpoint, report.
+
+``train_loop_per_worker`` runs on every Ray Train worker.  ``train_step`` is the step
+itself.  Hosts sync only at log, validation and checkpoint intervals; ``ray.train.report``
+(which blocks for about 1.5 s) is called at validation and checkpoint intervals only.
+"""
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray.train
@@ -18,12 +23,13 @@ import torch.nn.functional as F
 from jobs.spec import Spec, dump_spec, spec_from_dict
 from pipeline.alphabet import alphabet_size
 from pipeline.reader import SplitReader, load_manifest
+from pipeline.storage import join
 from train import checkpoint as ckpt
 from train.carry import epoch_of, next_epoch_states
+from train.generate import GenerateOptions, sample_text
+from train.metrics import RunLog
 from train.model import CharGRU, ModelShape
 from train.optim import make_optimizer
-
-log = logging.getLogger("charnn.train")
 
 
 def say(message: str) -> None:
@@ -35,24 +41,49 @@ def model_shape(spec: Spec, alphabet: str) -> ModelShape:
     return ModelShape(alphabet_size(alphabet), spec.model.cell_size, spec.model.layers, spec.model.embedding)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t.tolist()
 
 
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return [t]
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return out
 
 
-def _batch(window: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    codes = torch.from_numpy(np.ascontiguousarray(window)).to(device, non_blocking=True).long()
+def to_batch(window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets [B, T] of a window [B, T+1]; pinned and copied asynchronously on GPU."""
+    codes = torch.from_numpy(np.ascontiguousarray(window))
+    if device.type == "cuda":
+        codes = codes.pin_memory()
+    codes = codes.to(device, non_blocking=True).long()
     return codes[:, :-1], codes[:, 1:]
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def train_step(model, optimizer, scheduler, x, y, states, grad_clip: float, device):
+    """One optimiser step from the carried ``states``; returns (loss, logits, next states, grad norm)."""
+    with autocast(device):
+        logits, h = model(x, states)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), logits.detach(), h.detach().float(), grad_norm
 
 
 @torch.no_grad()
@@ -61,39 +92,45 @@ def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
     was_training = model.training
     model.eval()
     h = model.zero_state(len(reader.rows), device)
-    loss_sum = correct = count = 0.0
+    loss_sum = correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for _, window in reader.windows():
-        x, y = _batch(window, device)
-        logits, h = model(x, h)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
+        x, y = to_batch(window, device)
+        with autocast(device):
+            logits, h = model(x, h)
+        loss_sum = loss_sum + F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        correct = correct + (logits.argmax(-1) == y).sum()
         count += y.numel()
     model.train(was_training)
-    loss_sum, correct, count = _all_sum([loss_sum, correct, count], device)
+    loss_sum, correct, count = _all_sum([float(loss_sum), float(correct), count], device)
     loss = loss_sum / count
     return {"val_loss": loss, "val_accuracy": correct / count, "val_bpc": loss / math.log(2)}
 
 
 @dataclass
-class Progress:
-    """Running train figures between two log lines (host syncs happen only at log time)."""
+class Interval:
+    """Train figures since the last log line, summed on the device (no host sync per step)."""
 
     loss: torch.Tensor | float = 0.0
     correct: torch.Tensor | float = 0.0
     count: int = 0
     steps: int = 0
-    since: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss = self.loss + loss.detach()
-        self.correct = self.correct + (logits.detach().argmax(-1) == y).sum()
+        self.loss = self.loss + loss
+        self.correct = self.correct + (logits.argmax(-1) == y).sum()
         self.count += y.numel()
         self.steps += 1
 
-    def take(self) -> tuple[float, float]:
-        loss, accuracy = float(self.loss) / max(1, self.steps), float(self.correct) / max(1, self.count)
-        self.loss, self.correct, self.count, self.steps, self.since = 0.0, 0.0, 0, 0, time.perf_counter()
-        return loss, accuracy
+    def close(self, device) -> dict:
+        """Mean loss and accuracy over all workers, and this interval's speed; starts a new interval."""
+        seconds, steps = time.perf_counter() - self.since, self.steps
+        loss, correct, count = _all_sum([float(self.loss) / steps, float(self.correct), self.count], device)
+        world = dist.get_world_size() if _distributed() else 1
+        self.__init__()
+        return {"loss": loss / world, "accuracy": correct / count, "tokens_per_s": count / seconds,
+                "seconds_per_step": seconds / steps}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -105,78 +142,88 @@ def train_loop_per_worker(config: dict) -> None:
     manifest = load_manifest(config["dataset"], spec.storage)
     train_rows = SplitReader(config["dataset"], manifest, "train", rank, world, spec.storage)
     val_rows = SplitReader(config["dataset"], manifest, "val", rank, world, spec.storage)
-    steps_per_epoch = train_rows.steps
-    total_steps = spec.train.steps or spec.train.epochs * steps_per_epoch
+    total_steps = spec.train.steps or spec.train.epochs * train_rows.steps
 
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
     shape = model_shape(spec, manifest["alphabet"])
     model = CharGRU(shape, spec.model.dropout).to(device)
     optimizer, scheduler = make_optimizer(model, spec.train, total_steps, spec.cluster.use_gpu)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-
-    step, states = 0, model.zero_state(len(train_rows.rows), device)
     torch.manual_seed(spec.train.seed * 1000 + rank + 1)  # per-rank dropout streams
+
+    step, states, saved = 0, model.zero_state(len(train_rows.rows), device), {}
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as directory:
-            step, states = _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank)
+            step, states, saved = _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank)
         states = states.to(device)
         if rank == 0:
             say(f"charnn: resumed {spec.run.name} at step {step}/{total_steps}")
+    if step >= total_steps and restored:  # a finished run submitted again: report its final figures
+        ray.train.report(saved.get("metrics", {}))
+        return
 
+    run_log = RunLog(join(spec.run.storage, spec.run.name), spec.storage, step, saved.get("history")) if rank == 0 else None
     meta = {"alphabet": manifest["alphabet"], "spec": dump_spec(spec),
             "dataset": {"url": config["dataset"], "sources": manifest["sources"]}}
-    progress, first_loss, started = Progress(since=time.perf_counter()), None, time.perf_counter()
-    train_loss = train_accuracy = float("nan")
-    tokens_per_step = spec.train.batch_per_worker * world * spec.data.seq_len
-    windows = None
-    if step >= total_steps and restored:  # a finished run, submitted again: report its final figures
-        ray.train.report({**payload_metrics(restored), "resumed_finished": True})
+    interval, windows, last_train, started, first_step = Interval(), None, {}, time.perf_counter(), step
+    first_loss = saved.get("metrics", {}).get("first_loss")
     while step < total_steps:
-        epoch, in_epoch = epoch_of(step, steps_per_epoch)
+        epoch, in_epoch = epoch_of(step, train_rows.steps)
         if windows is None or in_epoch == 0:
             if in_epoch == 0 and step > 0:
                 states = next_epoch_states(states, spec.train.epoch_state, rank, _gather)
             windows = train_rows.windows(in_epoch)
         got_step, window = next(windows)
         assert got_step == in_epoch, f"rank {rank} got window {got_step}, expected {in_epoch}"
-        x, y = _batch(window, device)
-        logits, h = ddp_model(x, states)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        states = h.detach()
-        progress.add(loss, logits, y)
+        x, y = to_batch(window, device)
+        loss, logits, states, grad_norm = train_step(ddp_model, optimizer, scheduler, x, y, states,
+                                                     spec.train.grad_clip, device)
+        interval.add(loss, logits, y)
         step += 1
-        if first_loss is None:
-            first_loss = loss.item()
+        first_loss = first_loss if first_loss is not None else _all_sum([loss.item()], device)[0] / world
 
         last = step == total_steps
         if step % spec.train.log_every == 0 or last:
-            elapsed = time.perf_counter() - progress.since
-            steps_done = progress.steps
-            train_loss, train_accuracy = progress.take()
-            tokens_per_s = tokens_per_step * steps_done / max(elapsed, 1e-9)
+            last_train = {**interval.close(device), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             if rank == 0:
-                eta = (total_steps - step) * elapsed / max(1, steps_done)
-                say(f"charnn: step {step}/{total_steps} epoch {epoch} loss {train_loss:.4f} "
-                    f"acc {train_accuracy:.3f} {tokens_per_s:,.0f} tok/s grad {float(grad_norm):.2f} eta {eta:.0f}s")
+                _log_progress(run_log, step, total_steps, epoch, last_train)
+        if rank == 0 and spec.train.sample_every and step % spec.train.sample_every == 0:
+            run_log.sample(step, "".join(sample_text(model, manifest["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=5))))
         validate = last or (spec.train.validate_every and step % spec.train.validate_every == 0)
         save = last or (spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0)
         if validate or save:
-            metrics = {"step": step, "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                       "first_loss": first_loss, "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": tokens_per_step * step / (time.perf_counter() - started)}
+            metrics = {"step": step, "epoch": epoch, "first_loss": first_loss,
+                       **{f"train_{k}": v for k, v in last_train.items()},
+                       "tokens_per_s": (step - first_step) * x.numel() * world / (time.perf_counter() - started)}
             if validate:
                 metrics.update(evaluate(model, val_rows, device))
                 if rank == 0:
-                    say(f"charnn: step {step} val_loss {metrics['val_loss']:.4f} "
-                        f"val_acc {metrics['val_accuracy']:.3f} val_bpc {metrics['val_bpc']:.3f}")
-            _report(metrics, save, model, optimizer, scheduler, {**meta, "step": step, "epoch": epoch, "metrics": metrics},
+                    _log_validation(run_log, step, metrics)
+            if rank == 0:
+                run_log.flush()
+            history = run_log.history if rank == 0 else None
+            _report(metrics, save, model, optimizer, scheduler,
+                    {**meta, "step": step, "epoch": epoch, "metrics": metrics, "history": history},
                     rank, train_rows.rows, states)
+    if rank == 0:
+        run_log.close()
+
+
+def _log_progress(run_log: RunLog, step: int, total: int, epoch: int, figures: dict) -> None:
+    eta = (total - step) * figures["seconds_per_step"]
+    say(f"charnn: step {step}/{total} epoch {epoch} loss {figures['loss']:.4f} acc {figures['accuracy']:.3f} "
+        f"{figures['tokens_per_s']:,.0f} tok/s lr {figures['lr']:.2e} grad {figures['grad_norm']:.2f} eta {eta:.0f}s")
+    run_log.scalars("train", step, {"loss": figures["loss"], "accuracy": figures["accuracy"],
+                                    "bpc": figures["loss"] / math.log(2), "lr": figures["lr"],
+                                    "tokens_per_s": figures["tokens_per_s"], "grad_norm": figures["grad_norm"]})
+
+
+def _log_validation(run_log: RunLog, step: int, metrics: dict) -> None:
+    say(f"charnn: step {step} val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.3f} "
+        f"val_bpc {metrics['val_bpc']:.3f}")
+    run_log.scalars("val", step, {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"],
+                                  "bpc": metrics["val_bpc"]})
 
 
 def _report(metrics, save, model, optimizer, scheduler, meta, rank, rows, states) -> None:
@@ -188,11 +235,6 @@ def _report(metrics, save, model, optimizer, scheduler, meta, rank, rows, states
         if rank == 0:
             ckpt.save_model_files(directory, model, optimizer, scheduler, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def payload_metrics(restored: ray.train.Checkpoint) -> dict:
-    with restored.as_directory() as directory:
-        return ckpt.load_model_file(directory).get("metrics", {})
 
 
 def _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank):
@@ -207,4 +249,4 @@ def _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return payload["step"], ckpt.load_row_states(directory, train_rows.rows)
+    return payload["step"], ckpt.load_row_states(directory, train_rows.rows), payload

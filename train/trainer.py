@@ -8,6 +8,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.spec import Spec, spec_to_dict
+from pipeline.reader import DatasetError
+from pipeline.storage import StorageError
+from train import TrainingError
+from train.checkpoint import CheckpointError
 from train.loop import train_loop_per_worker
 
 
@@ -50,3 +54,14 @@ def checkpoint_url(storage_url: str, checkpoint) -> str:
     if "://" in storage_url and "://" not in checkpoint.path:
         return f"{storage_url.split('://', 1)[0]}://{checkpoint.path}"
     return checkpoint.path
+
+
+def training_error(error: Exception) -> Exception:
+    """The project's own error a worker raised (a one-line user error), else a TrainingError."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
+    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
+    if isinstance(cause, (CheckpointError, DatasetError, StorageError)):
+        return cause
+    text = " ".join(str(cause).split())
+    return TrainingError(f"training failed: {type(cause).__name__}: {text[-500:]}")

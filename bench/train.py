@@ -1,0 +1,116 @@
+"""Training-step benchmark: bare PyTorch against Ray Train, worker scaling, and MFU.
+
+    .venv/bin/python bench/train.py [--steps 30] [--batch 200] [--threads 2]
+
+All figures use the seed's shapes (one-hot 98 -> GRU 512 x 3 -> 98, T 30) and the project's
+own ``train_step`` with Adam, on random codes, carrying the hidden state.  Prints:
+  - the sgemm peak (2048^3) measured now, with 1 and with --threads threads;
+  - tokens/s of a bare single-process loop and of Ray Train with 1 worker, same threads, and
+    their ratio (Ray Train overhead);
+  - the scaling efficiency of 2 workers x 1 thread against 1 worker x 1 thread;
+  - achieved GFLOP/s against the peak (MFU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
+    """The training step of train/loop.py, timed after warm-up; returns tokens/s (this worker)."""
+    from train.loop import train_step
+    from train.model import CharGRU, ModelShape
+    from train.optim import make_optimizer
+    from jobs.spec import TrainConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = CharGRU(ModelShape(98, 512, 3), dropout=0.0)
+    optimizer, scheduler = make_optimizer(model, TrainConfig(), steps, use_gpu=False)
+    stepped = model
+    if ddp:
+        stepped = torch.nn.parallel.DistributedDataParallel(model)
+    codes = torch.randint(0, 98, (batch, 31))
+    x, y = codes[:, :-1], codes[:, 1:]
+    states = model.zero_state(batch)
+    warmup = 3
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        loss, _, states, _ = train_step(stepped, optimizer, scheduler, x, y, states, 0.0, torch.device("cpu"))
+    float(loss)
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": batch * 30 * steps / seconds, "flops_per_token": model.flops_per_token(),
+            "omp": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
+
+
+def ray_loop(config: dict) -> None:
+    import ray.train
+
+    result = step_loop(config["batch"], config["steps"], config["threads"], ddp=config["workers"] > 1)
+    ray.train.report(result)
+
+
+def on_ray_train(workers: int, threads: int, batch: int, steps: int) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        ray_loop, train_loop_config={"batch": batch, "steps": steps, "threads": threads, "workers": workers},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
+        run_config=RunConfig(name=f"bench-{workers}x{threads}-{time.time_ns()}", storage_path="/tmp/charnn-bench-runs"),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result.metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import ray
+
+    peak_n, peak_1 = matmul_peak(args.threads), matmul_peak(1)
+    bare_n = step_loop(args.batch, args.steps, args.threads)
+    bare_1 = step_loop(args.batch, args.steps, 1)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_n = on_ray_train(1, args.threads, args.batch, args.steps)
+    ray_1 = on_ray_train(1, 1, args.batch, args.steps)
+    ray_2x1 = on_ray_train(2, 1, args.batch, args.steps)
+    ray.shutdown()
+
+    flops = bare_n["flops_per_token"]
+    print(f"shapes: one-hot 98 -> GRU 512x3 -> 98, batch {args.batch}, T 30; {flops / 1e6:.1f} MFLOP/token (training)")
+    print(f"sgemm 2048^3 peak: {peak_n:.0f} GFLOP/s with {args.threads} threads, {peak_1:.0f} GFLOP/s with 1")
+    for label, bare, ray_run, peak, threads in (("", bare_n, ray_n, peak_n, args.threads), ("", bare_1, ray_1, peak_1, 1)):
+        print(f"{threads} thread(s): bare {bare['tokens_per_s']:,.0f} tok/s (MFU {bare['tokens_per_s'] * flops / 1e9 / peak:.2f}), "
+              f"Ray Train 1 worker {ray_run['tokens_per_s']:,.0f} tok/s (MFU {ray_run['tokens_per_s'] * flops / 1e9 / peak:.2f}), "
+              f"ratio {ray_run['tokens_per_s'] / bare['tokens_per_s']:.3f}  "
+              f"[worker OMP_NUM_THREADS={ray_run['omp']} torch threads={ray_run['torch_threads']} nice={ray_run['nice']}]")
+    scaling = ray_2x1["tokens_per_s"] * 2 / (2 * ray_1["tokens_per_s"])
+    print(f"2 workers x 1 thread: {2 * ray_2x1['tokens_per_s']:,.0f} tok/s in all; scaling efficiency vs 1x1 {scaling:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Carried state, W-invariance and exact resume, through jobs/train.py on a real local Ray.
+
+Every run trains the smoke model with dropout 0 and logs the global train loss every step
+to TensorBoard; runs are compared on those curves.
+"""
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_job, write_corpus
+
+pytestmark = pytest.mark.ray
+ROWS = 8
+
+
+def train(root, name, workers, steps, *extra, check=True):
+    return run_job(
+        "train.py", "--spec", "jobs/specs/smoke.yaml",
+        "--set", f"data.sources=[{root / 'corpus'}]", "--set", f"data.dataset_root={root / 'datasets'}",
+        "--set", f"run.storage={root / 'runs'}", "--set", f"run.name={name}",
+        "--set", f"cluster.num_workers={workers}", "--set", f"train.batch_per_worker={ROWS // workers}",
+        "--set", f"train.steps={steps}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0",
+        "--set", "train.validate_every=0", "--set", "model.dropout=0.0", *extra, check=check,
+    )
+
+
+def losses(root, name) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "runs" / name / "tensorboard")).Reload().Scalars("train/loss")
+    return {e.step: e.value for e in events}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    # short documents: 24 steps an epoch, so 30 steps cross an epoch boundary
+    write_corpus(root / "corpus", documents=6, lines=14, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root):
+    _, one = train(root, "one-worker", 1, 30)
+    _, two = train(root, "two-workers", 2, 30)
+    return one, two
+
+
+def test_loss_curve_does_not_depend_on_how_rows_are_split(root, uninterrupted):
+    one, two = losses(root, "one-worker"), losses(root, "two-workers")
+    assert sorted(one) == list(range(1, 31))
+    assert one[30] < one[1]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    assert uninterrupted[0]["epoch"] >= 1, "the run must cross an epoch boundary"
+
+
+def test_exact_resume_continues_with_the_carried_state(root, uninterrupted):
+    _, first = train(root, "resumed", 2, 12)
+    assert first["steps"] == 12
+    proc, second = train(root, "resumed", 2, 30)
+    assert "resumed resumed at step 12/30" in proc.stdout
+    full, resumed = losses(root, "two-workers"), losses(root, "resumed")
+    for step in range(13, 31):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    saved = torch.load(f"{second['checkpoint']}/model.pt", weights_only=True)
+    reference = torch.load(f"{uninterrupted[1]['checkpoint']}/model.pt", weights_only=True)
+    for key, tensor in reference["model"].items():
+        torch.testing.assert_close(saved["model"][key], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_on_another_number_of_workers(root, uninterrupted):
+    train(root, "regrouped", 2, 12)
+    proc, _ = train(root, "regrouped", 1, 30)
+    assert "resumed regrouped at step 12/30" in proc.stdout
+    full, resumed = losses(root, "one-worker"), losses(root, "regrouped")
+    for step in range(13, 31):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-4), step
+
+
+def test_a_spec_of_another_model_shape_is_refused_before_training(root, uninterrupted):
+    proc, _ = train(root, "one-worker", 1, 40, "--set", "model.cell_size=48", check=False)
+    assert proc.returncode == 2
+    assert "checkpoint is a gorner98 model" in proc.stderr and "cell_size=32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc, _ = train(root, "one-worker", 1, 40, "--set", "data.alphabet=bytes", check=False)
+    assert proc.returncode == 2 and "the spec asks for bytes" in proc.stderr

@@ -62,30 +62,39 @@ def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
 
 
 def ray_loop(config: dict) -> None:
+    import json
+
     import ray.train
 
     result = step_loop(config["batch"], config["steps"], config["threads"], ddp=config["workers"] > 1)
-    ray.train.report(result)
+    if ray.train.get_context().get_world_rank() == 0:  # metrics without a checkpoint do not reach Result
+        with open(config["out"], "w") as f:
+            json.dump(result, f)
 
 
 def on_ray_train(workers: int, threads: int, batch: int, steps: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import json
+    import tempfile
+
+    out = tempfile.mktemp(suffix=".json")
     trainer = TorchTrainer(
-        ray_loop, train_loop_config={"batch": batch, "steps": steps, "threads": threads, "workers": workers},
+        ray_loop, train_loop_config={"batch": batch, "steps": steps, "threads": threads, "workers": workers, "out": out},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
         run_config=RunConfig(name=f"bench-{workers}x{threads}-{time.time_ns()}", storage_path="/tmp/charnn-bench-runs"),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    return result.metrics
+    with open(out) as f:
+        return json.load(f)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

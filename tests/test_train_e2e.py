@@ -17,7 +17,7 @@ def smoke_run(tmp_path_factory):
         "train.py", "--spec", "jobs/specs/smoke.yaml",
         "--set", f"data.sources=[{root / 'corpus'}]",
         "--set", f"data.dataset_root={root / 'datasets'}",
-        "--set", f"run.storage={root / 'runs'}",
+        "--set", f"run.storage={root / 'runs'}", "--set", "train.sample_every=30",
     )
     return root, proc, result
 
@@ -41,6 +41,19 @@ def test_checkpoint_holds_weights_states_and_the_resolved_spec(smoke_run):
     assert payload["step"] == 60 and payload["alphabet"] == "gorner98"
     assert "cell_size: 32" in payload["spec"]
     assert (root / "runs" / "smoke" / "spec.yaml").read_text() == payload["spec"]
+
+
+def test_run_directory_has_tensorboard_scalars_samples_and_a_loss_plot(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, _ = smoke_run
+    events = EventAccumulator(str(root / "runs" / "smoke" / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {f"train/{k}" for k in ("loss", "accuracy", "bpc", "lr", "tokens_per_s", "grad_norm")} <= scalars
+    assert {"val/loss", "val/accuracy", "val/bpc"} <= scalars
+    assert [e.step for e in events.Scalars("val/loss")] == [30, 60]
+    assert any(tag.startswith("sample") for tag in events.Tags()["tensors"])
+    assert (root / "runs" / "smoke" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_generate_loads_the_checkpoint_and_is_reproducible(smoke_run):
@@ -75,3 +88,22 @@ def test_train_rejects_a_bad_spec_key_before_starting_ray(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'train.stesp'" in proc.stderr and "did you mean 'train.steps'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoints_and_run_files_in_s3(tmp_path, moto_s3, bucket):
+    write_corpus(tmp_path / "corpus", documents=6, lines=60, seed=4)
+    source = moto_s3.upload_dir(bucket, "corpus", tmp_path / "corpus")
+    _, result = run_job(
+        "train.py", "--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{source}]",
+        "--set", f"data.dataset_root=s3://{bucket}/datasets", "--set", f"run.storage=s3://{bucket}/runs",
+        "--set", f"storage.endpoint_url={moto_s3.endpoint}", "--set", "train.steps=20",
+    )
+    assert result["checkpoint"].startswith(f"s3://{bucket}/runs/smoke/checkpoint_")
+    keys = {o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/smoke/")["Contents"]}
+    prefix = result["checkpoint"][len(f"s3://{bucket}/"):]
+    assert {f"{prefix}/model.pt", f"{prefix}/optimizer.pt", "runs/smoke/spec.yaml", "runs/smoke/loss.png"} <= keys
+    assert any(k.startswith("runs/smoke/tensorboard/events.") for k in keys)
+    args = ["--checkpoint", result["checkpoint"], "--endpoint-url", moto_s3.endpoint, "--length", "50", "--seed", "3"]
+    first, _ = run_job("generate.py", *args)
+    again, _ = run_job("generate.py", *args)
+    assert len(first.stdout.strip()) > 0 and first.stdout == again.stdout

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import logging
+import posixpath
 import sys
 import time
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ import pyarrow.ipc
 
 from pipeline.alphabet import alphabet_size, encode, unknown_fraction
 from pipeline.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
-from pipeline.sources import SPLIT_RULE, Document, assign_splits, list_documents
-from pipeline.storage import StorageError, describe_error, join, open_url, write_bytes_atomic
+from pipeline.sources import SPLIT_RULE, assign_splits, list_documents
+from pipeline.storage import describe_error, join, open_url, write_bytes_atomic
 
 FORMAT = "charnn.rows/1"
 SHARD_SCHEMA = pa.schema([("row", pa.int32()), ("start", pa.int64()), ("tokens", pa.list_(pa.uint8()))])
@@ -209,7 +210,7 @@ def build_dataset(request: DatasetRequest) -> str:
             "shards": [_shard_entry(p, split) for p in plans],
         }
         shard_rows += [_shard_task(p, split, layout, url) for p in plans]
-    fs.makedirs(fs._parent(manifest_path), exist_ok=True)
+    fs.makedirs(posixpath.dirname(manifest_path), exist_ok=True)
     written = ray.data.from_items(shard_rows, override_num_blocks=len(shard_rows)).map(
         _write_shard, fn_kwargs={"pieces": pieces, "storage": request.storage}
     ).take_all()
@@ -265,5 +266,3 @@ def _raise_first_error(rows: list[dict], what: str) -> None:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise PipelineError(f"{what}: {failed[0]}{more}")
 
-
-__all__ = ["DatasetRequest", "PipelineError", "StorageError", "build_dataset", "describe_error", "read_stream", "Document"]

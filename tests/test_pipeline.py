@@ -138,3 +138,13 @@ def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_pa
     _, result = run_job("tokenize.py", *args)
     assert result["dataset"] == str(partial)
     assert result["train_tokens"] + result["val_tokens"] == 4 * (10_000_000 // len(block)) * len(block)
+
+
+def test_a_binary_file_gets_a_warning_with_its_unknown_share(ray_local, tmp_path, corpus, caplog):
+    import random
+
+    (corpus / "image.bin").write_bytes(random.Random(0).randbytes(20_000))
+    with caplog.at_level("WARNING", logger="charnn.pipeline"):
+        build_dataset(request(tmp_path, [corpus]))
+    (warning,) = [r.getMessage() for r in caplog.records if "binary" in r.getMessage()]
+    assert "image.bin" in warning and "% of its characters are outside gorner98" in warning

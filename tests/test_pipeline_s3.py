@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import MotoServer, write_corpus
-from pipeline.build import DatasetRequest, PipelineError, build_dataset
+from conftest import MotoServer, free_port
+from pipeline.build import DatasetRequest, build_dataset
 from pipeline.reader import SplitReader, load_manifest
 from pipeline.storage import StorageError
 
@@ -57,7 +57,7 @@ def test_gzip_sources_read_as_their_text(ray_local, tmp_path, corpus):
 
 
 def test_unreachable_endpoint_is_one_clear_error(ray_local, tmp_path):
-    closed = f"http://127.0.0.1:{__import__('conftest').free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError, match="cannot list source s3://nowhere/corpus.*check storage.endpoint_url") as info:
         build_dataset(request(["s3://nowhere/corpus"], str(tmp_path / "ds"), closed))
     assert "\n" not in str(info.value)

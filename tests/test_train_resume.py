@@ -3,8 +3,6 @@
 Every run trains the smoke model with dropout 0 and logs the global train loss every step
 to TensorBoard; runs are compared on those curves.
 """
-import shutil
-
 import pytest
 import torch
 

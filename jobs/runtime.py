@@ -14,10 +14,11 @@ from pipeline.layout import LayoutError
 from pipeline.reader import DatasetError
 from pipeline.storage import StorageError
 from train.checkpoint import CheckpointError
+from train.generate import GenerateError
 from train import TrainingError
 
 # Errors that the user can fix: one line on stderr and exit 2, no traceback.
-USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError)
+USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError, GenerateError)
 
 
 def init_ray() -> None:

@@ -8,9 +8,13 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.alphabet import alphabet_size, decode, encode_text
-from train.checkpoint import CheckpointError, load_model
+from train.checkpoint import load_model
 
 log = logging.getLogger("charnn.generate")
+
+
+class GenerateError(ValueError):
+    """A generation option out of range."""
 
 
 @dataclass(frozen=True)
@@ -23,13 +27,13 @@ class GenerateOptions:
 
     def check(self, vocab: int) -> None:
         if self.length <= 0:
-            raise CheckpointError(f"--length must be > 0, got {self.length}")
+            raise GenerateError(f"--length must be > 0, got {self.length}")
         if not self.temperature > 0:
-            raise CheckpointError(f"--temperature must be > 0, got {self.temperature}")
+            raise GenerateError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 <= self.top_k <= vocab:
-            raise CheckpointError(f"--top-k must lie in 0..{vocab} (0: no limit), got {self.top_k}")
+            raise GenerateError(f"--top-k must lie in 0..{vocab} (0: no limit), got {self.top_k}")
         if not self.prime:
-            raise CheckpointError("--prime must hold at least one character")
+            raise GenerateError("--prime must hold at least one character")
 
 
 def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]:

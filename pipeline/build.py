@@ -128,6 +128,26 @@ def read_stream(pieces: list[list], begin: int, end: int, storage) -> np.ndarray
     return data
 
 
+def shard_table(rows: range, start: int, segments: list[np.ndarray]) -> pa.Table:
+    """The shard contract: one equal-length segment per row, all starting at ``start``."""
+    return pa.table(
+        {
+            "row": pa.array(rows, pa.int32()),
+            "start": pa.array([start] * len(rows), pa.int64()),
+            "tokens": pa.ListArray.from_arrays(
+                pa.array(np.arange(len(rows) + 1) * len(segments[0]), pa.int32()),
+                pa.array(np.concatenate(segments), pa.uint8()),
+            ),
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+def write_shard_file(sink, table: pa.Table) -> None:
+    with pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+        writer.write_table(table)
+
+
 @_reporting_errors
 def _write_shard(row: dict, pieces: dict, storage) -> dict:
     """Ray Data task: cut one worker's step range out of its rows and write it as Arrow IPC."""
@@ -135,21 +155,9 @@ def _write_shard(row: dict, pieces: dict, storage) -> dict:
     s0, s1 = row["steps"]
     rows = range(*row["rows"])
     segments = [read_stream(pieces[row["split"]], r * L + s0 * T, r * L + s1 * T + 1, storage) for r in rows]
-    segment_length = (s1 - s0) * T + 1
-    table = pa.table(
-        {
-            "row": pa.array(rows, pa.int32()),
-            "start": pa.array([s0 * T] * len(rows), pa.int64()),
-            "tokens": pa.ListArray.from_arrays(
-                pa.array(np.arange(len(rows) + 1) * segment_length, pa.int32()),
-                pa.array(np.concatenate(segments), pa.uint8()),
-            ),
-        },
-        schema=SHARD_SCHEMA,
-    )
     fs, path = open_url(row["url"], storage)
-    with fs.open(path, "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
-        writer.write_table(table)
+    with fs.open(path, "wb") as sink:
+        write_shard_file(sink, shard_table(rows, s0 * T, segments))
     return {"url": row["url"]}
 
 

@@ -1,6 +1,6 @@
 """Training-step benchmark: bare PyTorch against Ray Train, worker scaling, and MFU.
 
-    .venv/bin/python bench/train.py [--steps 30] [--batch 200] [--threads 2]
+    .venv/bin/python bench/train.py [--steps 12] [--batch 200] [--threads 2] [--rounds 3]
 
 All figures use the seed's shapes (one-hot 98 -> GRU 512 x 3 -> 98, T 30) and the project's
 own ``train_step`` with Adam, on random codes, carrying the hidden state.  Prints:
@@ -94,31 +94,50 @@ def on_ray_train(workers: int, threads: int, batch: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bare and Ray runs alternate this many times; ratios are per round, then the median")
     args = parser.parse_args()
+    import statistics
+
     import ray
 
     peak_n, peak_1 = matmul_peak(args.threads), matmul_peak(1)
-    bare_n = step_loop(args.batch, args.steps, args.threads)
-    bare_1 = step_loop(args.batch, args.steps, 1)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    ray_n = on_ray_train(1, args.threads, args.batch, args.steps)
-    ray_1 = on_ray_train(1, 1, args.batch, args.steps)
-    ray_2x1 = on_ray_train(2, 1, args.batch, args.steps)
-    ray.shutdown()
+    rounds = []
+    for _ in range(args.rounds):
+        bare_n = step_loop(args.batch, args.steps, args.threads)
+        bare_1 = step_loop(args.batch, args.steps, 1)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray_n = on_ray_train(1, args.threads, args.batch, args.steps)
+        ray_1 = on_ray_train(1, 1, args.batch, args.steps)
+        ray_2x1 = on_ray_train(2, 1, args.batch, args.steps)
+        ray.shutdown()
+        rounds.append({"bare_n": bare_n["tokens_per_s"], "bare_1": bare_1["tokens_per_s"], "ray_n": ray_n["tokens_per_s"],
+                       "ray_1": ray_1["tokens_per_s"], "ray_2x1": ray_2x1["tokens_per_s"], "worker": ray_n})
+
+    def span(key: str) -> str:
+        values = sorted(r[key] for r in rounds)
+        return f"{statistics.median(values):,.0f} tok/s (range {values[0]:,.0f}-{values[-1]:,.0f})"
+
+    def ratio(numerator: str, denominator: str) -> str:
+        values = sorted(r[numerator] / r[denominator] for r in rounds)
+        return f"{statistics.median(values):.3f} (range {values[0]:.3f}-{values[-1]:.3f})"
 
     flops = bare_n["flops_per_token"]
-    print(f"shapes: one-hot 98 -> GRU 512x3 -> 98, batch {args.batch}, T 30; {flops / 1e6:.1f} MFLOP/token (training)")
+    mfu = statistics.median(r["bare_n"] for r in rounds) * flops / 1e9 / peak_n
+    ray_mfu = statistics.median(r["ray_n"] for r in rounds) * flops / 1e9 / peak_n
+    worker = rounds[-1]["worker"]
+    print(f"shapes: one-hot 98 -> GRU 512x3 -> 98, batch {args.batch}, T 30; {flops / 1e6:.1f} MFLOP/token (training); "
+          f"{args.rounds} rounds of {args.steps} steps, medians")
     print(f"sgemm 2048^3 peak: {peak_n:.0f} GFLOP/s with {args.threads} threads, {peak_1:.0f} GFLOP/s with 1")
-    for label, bare, ray_run, peak, threads in (("", bare_n, ray_n, peak_n, args.threads), ("", bare_1, ray_1, peak_1, 1)):
-        print(f"{threads} thread(s): bare {bare['tokens_per_s']:,.0f} tok/s (MFU {bare['tokens_per_s'] * flops / 1e9 / peak:.2f}), "
-              f"Ray Train 1 worker {ray_run['tokens_per_s']:,.0f} tok/s (MFU {ray_run['tokens_per_s'] * flops / 1e9 / peak:.2f}), "
-              f"ratio {ray_run['tokens_per_s'] / bare['tokens_per_s']:.3f}  "
-              f"[worker OMP_NUM_THREADS={ray_run['omp']} torch threads={ray_run['torch_threads']} nice={ray_run['nice']}]")
-    scaling = ray_2x1["tokens_per_s"] * 2 / (2 * ray_1["tokens_per_s"])
-    print(f"2 workers x 1 thread: {2 * ray_2x1['tokens_per_s']:,.0f} tok/s in all; scaling efficiency vs 1x1 {scaling:.3f}")
+    print(f"bare loop, {args.threads} threads: {span('bare_n')}, MFU {mfu:.2f}")
+    print(f"Ray Train 1 worker x {args.threads} threads: {span('ray_n')}, MFU {ray_mfu:.2f}; "
+          f"ratio to bare {ratio('ray_n', 'bare_n')}  [worker OMP_NUM_THREADS={worker['omp']} "
+          f"torch threads={worker['torch_threads']} nice={worker['nice']}]")
+    print(f"1 thread: bare {span('bare_1')}; Ray Train {span('ray_1')}; ratio {ratio('ray_1', 'bare_1')}")
+    print(f"2 workers x 1 thread: {span('ray_2x1')} per worker; scaling efficiency vs 1x1 {ratio('ray_2x1', 'ray_1')}")
 
 
 if __name__ == "__main__":

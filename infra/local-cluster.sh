@@ -13,6 +13,7 @@ DASHBOARD=http://127.0.0.1:8265
 
 case "${1:-}" in
   start)
+    ray get-auth-token --generate >/dev/null  # ~/.ray/auth_token: made once, kept after
     ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
       --num-cpus "${NUM_CPUS:-$(nproc)}" --disable-usage-stats ;;
   submit)

@@ -1,4 +1,7 @@
-"""Generate text from a checkpoint: python jobs/generate.py --checkpoint URL [--prime TEXT] ..."""
+"""Generate text: python jobs/generate.py (--checkpoint URL | --model NAME [--storage ROOT]) [--prime TEXT] ...
+
+--model uses the version that jobs/retrain.py published in <ROOT>/models/NAME/.
+"""
 import os
 import sys
 
@@ -7,13 +10,18 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rep
 import argparse  # noqa: E402
 
 from jobs.runtime import main  # noqa: E402
-from jobs.spec import StorageConfig  # noqa: E402
+from jobs.spec import RunConfig, StorageConfig, expand_path  # noqa: E402
+from pipeline.storage import join  # noqa: E402
+from train.registry import ModelRegistry, RegistryError  # noqa: E402
 from train.generate import GenerateOptions, stream_text  # noqa: E402
 
 
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory: local path or storage URL")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory: local path or storage URL")
+    source.add_argument("--model", help="a registered model's name: its published version")
+    parser.add_argument("--storage", default=RunConfig.storage, help="run.storage that holds models/ (default: %(default)s)")
     parser.add_argument("--prime", default="K", help="text that warms the state before sampling")
     parser.add_argument("--length", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -22,7 +30,16 @@ def run() -> None:
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// checkpoints")
     args = parser.parse_args()
     options = GenerateOptions(args.prime, args.length, args.temperature, args.top_k, args.seed)
-    for piece in stream_text(args.checkpoint, options, StorageConfig(endpoint_url=args.endpoint_url)):
+    storage = StorageConfig(endpoint_url=args.endpoint_url)
+    url = args.checkpoint
+    if args.model:
+        registry = ModelRegistry(join(expand_path(args.storage), "models", args.model), storage)
+        published = registry.published()
+        if published is None:
+            raise RegistryError(f"model {args.model!r} has no published version in {registry.url}; "
+                                f"run jobs/retrain.py or check --storage")
+        url = published.url
+    for piece in stream_text(url, options, storage):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -15,10 +16,13 @@ from pipeline.reader import DatasetError
 from pipeline.storage import StorageError
 from train.checkpoint import CheckpointError
 from train.generate import GenerateError
+from train.registry import RegistryBusy, RegistryError
 from train import TrainingError
 
 # Errors that the user can fix: one line on stderr and exit 2, no traceback.
-USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError, GenerateError)
+USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError,
+               GenerateError, RegistryError)
+BUSY_EXIT = 75  # EX_TEMPFAIL: another job holds the model registry; a scheduler may simply try later
 
 
 def init_ray() -> None:
@@ -39,10 +43,18 @@ def print_result(result: dict) -> None:
     print(json.dumps(result, sort_keys=True), flush=True)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # `ray job stop` sends SIGTERM: unwind, so leases and temp files are released
+
+
 def main(run: Callable[[], dict | None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run()
+    except RegistryBusy as exc:
+        print(f"charnn: busy: {exc}", file=sys.stderr, flush=True)
+        sys.exit(BUSY_EXIT)
     except USER_ERRORS as exc:
         print(f"charnn: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

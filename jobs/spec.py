@@ -1,6 +1,6 @@
 """Job spec: a typed config tree read from YAML, with `extend` inheritance and --set overrides.
 
-A spec file holds sections (data, model, train, cluster, run, storage) of plain keys. Every
+A spec file holds sections (data, model, train, cluster, run, retrain, storage) of plain keys. Every
 problem raises SpecError with a one-line message naming the file, the dotted key and the fix,
 so a bad spec fails before any Ray worker starts.
 """
@@ -89,6 +89,14 @@ class RunConfig:
 
 
 @dataclass
+class RetrainConfig:
+    model: str = _f("charnn", pattern=r"[A-Za-z0-9._-]+")  # registry name: <run.storage>/models/<model>/
+    steps: int = _f(500, gt=0)  # fine-tuning steps from the published model
+    min_improvement: float = _f(0.0, ge=0)  # nats/char the candidate must gain on validation
+    lease_minutes: float = _f(30.0, gt=0)  # a writer that dies blocks others this long at most
+
+
+@dataclass
 class StorageConfig:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint override (MinIO, moto)
     region: Optional[str] = None
@@ -102,6 +110,7 @@ class Spec:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 

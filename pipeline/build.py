@@ -23,7 +23,7 @@ import pyarrow.ipc
 
 from pipeline.alphabet import alphabet_size, encode, unknown_fraction
 from pipeline.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
-from pipeline.sources import SPLIT_RULE, assign_splits, list_documents
+from pipeline.sources import SPLIT_RULE, assign_splits, content_hash, list_documents
 from pipeline.storage import describe_error, join, open_url, write_bytes_atomic
 
 FORMAT = "charnn.rows/1"
@@ -86,7 +86,7 @@ def _encode_document(row: dict, root: str, alphabet: str, storage) -> dict:
     identity = row["etag"]
     if not identity:
         data = fs.cat_file(path)
-        identity = "sha256:" + hashlib.sha256(data).hexdigest()
+        identity = content_hash(data)
     cache_fs, cache_path = open_url(doc_cache_url(root, alphabet, identity), storage)
     if cache_fs.exists(cache_path):
         tokens, unknown, reused = cache_fs.size(cache_path), -1.0, True

@@ -79,3 +79,19 @@ def assign_splits(keys: list[str], val_fraction: float) -> dict[str, str]:
     if "train" not in splits.values():
         splits[max(keys, key=split_hash)] = "train"
     return splits
+
+
+def content_hash(data: bytes) -> str:
+    """The identity of a document whose store gives none (local files): what the cache is keyed by."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def content_identity(document: Document, storage: Any | None = None) -> str:
+    """The store's ETag-like identity, else the content hash (reads the file)."""
+    if document.etag:
+        return document.etag
+    try:
+        fs, path = open_url(document.url, storage)
+        return content_hash(fs.cat_file(path))
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot read source {describe_error(document.url, exc)}") from None

@@ -135,3 +135,57 @@ def bucket(moto_s3, request) -> str:
     name = "charnn-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     moto_s3.client().create_bucket(Bucket=name)
     return name
+
+
+class RayCluster:
+    """A `ray start --head` cluster on 127.0.0.1; jobs go through `ray job submit`, as users send them."""
+
+    def __init__(self, temp_dir: Path):
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        self.dashboard = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        # Jobs run the `python` on the PATH of whoever ran `ray start`: this interpreter's.
+        self.env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.temp_dir = temp_dir
+
+    def start(self) -> "RayCluster":
+        subprocess.run([self.ray, "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=2",
+                        "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
+                       env=self.env, check=True, capture_output=True, timeout=180)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+
+    def job_command(self, submission_id: str, script: str, *args: str, wait: bool = True) -> list[str]:
+        return [self.ray, "job", "submit", "--address", self.address, "--submission-id", submission_id,
+                "--working-dir", str(REPO), *([] if wait else ["--no-wait"]), "--", "python", f"jobs/{script}", *args]
+
+    def submit(self, script: str, *args: str, timeout: int = 600) -> tuple[int, str, dict | None]:
+        """Submit and wait; returns (the CLI's exit status, the job's own log, its last JSON line)."""
+        import uuid
+
+        submission_id = f"charnn-test-{uuid.uuid4().hex[:10]}"
+        proc = subprocess.run(self.job_command(submission_id, script, *args), env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        logs = self.logs(submission_id)
+        return proc.returncode, logs, last_json(logs)
+
+    def logs(self, submission_id: str) -> str:
+        return subprocess.run([self.ray, "job", "logs", "--address", self.address, submission_id],
+                              env=self.env, capture_output=True, text=True, timeout=60).stdout
+
+
+def last_json(text: str) -> dict | None:
+    lines = [line for line in text.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    cluster = RayCluster(tmp_path_factory.mktemp("ray")).start()
+    yield cluster
+    cluster.stop()

@@ -345,7 +345,7 @@ def test_expand_path():
 
 # --- fuzz -----------------------------------------------------------------------------------
 
-_SECTION_NAMES = ["data", "model", "train", "cluster", "run", "storage"]
+_SECTION_NAMES = ["data", "model", "train", "cluster", "run", "retrain", "storage"]
 _KEYS = ["sources", "alphabet", "seq_len", "dropout", "lr", "steps", "use_gpu", "name",
          "endpoint_url", "anon", "schedule", "val_fraction"]
 _scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)

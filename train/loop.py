@@ -107,6 +107,24 @@ def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
     return {"val_loss": loss, "val_accuracy": correct / count, "val_bpc": loss / math.log(2)}
 
 
+def evaluate_checkpoints(urls: list[str], dataset_url: str, storage=None) -> list[dict]:
+    """Validation figures of each checkpoint over every validation row, in this one process.
+
+    Every rank's rows hold the same number of tokens, so the mean of the ranks' means is the
+    figure ``evaluate`` gives under Ray Train."""
+    manifest = load_manifest(dataset_url, storage)
+    world = manifest["workers"]
+    readers = [SplitReader(dataset_url, manifest, "val", rank, world, storage) for rank in range(world)]
+    figures = []
+    for url in urls:
+        model, payload = ckpt.load_model(url, storage)
+        if payload["alphabet"] != manifest["alphabet"]:
+            raise ckpt.CheckpointError(f"{url} is a {payload['alphabet']} model; the dataset is {manifest['alphabet']}")
+        per_rank = [evaluate(model, reader, torch.device("cpu")) for reader in readers]
+        figures.append({key: sum(f[key] for f in per_rank) / world for key in per_rank[0]})
+    return figures
+
+
 @dataclass
 class Interval:
     """Train figures since the last log line, summed on the device (no host sync per step)."""
@@ -147,6 +165,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
     shape = model_shape(spec, manifest["alphabet"])
     model = CharGRU(shape, spec.model.dropout).to(device)
+    if config.get("init_from"):  # warm start (retraining): the weights only, a fresh optimiser
+        init = ckpt.load_payload(config["init_from"], spec.storage)
+        ckpt.check_compatible(init, shape, manifest["alphabet"])
+        model.load_state_dict(init["model"])
     optimizer, scheduler = make_optimizer(model, spec.train, total_steps, spec.cluster.use_gpu)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     torch.manual_seed(spec.train.seed * 1000 + rank + 1)  # per-rank dropout streams

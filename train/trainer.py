@@ -29,12 +29,13 @@ def storage_for_ray(url: str, storage) -> tuple[str, pyarrow.fs.FileSystem | Non
     return url, None
 
 
-def make_trainer(spec: Spec, dataset_url: str) -> TorchTrainer:
+def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> TorchTrainer:
+    """A trainer for ``spec`` on ``dataset_url``; a new run starts from ``init_from``'s weights if given."""
     storage_path, storage_filesystem = storage_for_ray(spec.run.storage, spec.storage)
     resources = {"CPU": spec.cluster.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec_to_dict(spec), "dataset": dataset_url},
+        train_loop_config={"spec": spec_to_dict(spec), "dataset": dataset_url, "init_from": init_from},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu, resources_per_worker=resources,

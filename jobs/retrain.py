@@ -1,0 +1,116 @@
+"""Retrain when the corpus grows; publish only a better model: python jobs/retrain.py --spec PATH [--set k=v ...]
+
+Meant to run on a schedule (a RayCronJob, a CronJob running ``ray job submit``, or cron with
+infra/local-schedule.sh).  In order, holding the registry's lease throughout:
+  1. detect: list data.sources and compare (URL, content identity) with the dataset of the
+     published model in <run.storage>/models/<retrain.model>/; nothing new or changed: "skipped";
+  2. rebuild the dataset: only new or changed documents are tokenised, the rest come from the
+     document cache, and every document keeps its validation split;
+  3. fine-tune from the published weights for retrain.steps with a fresh optimiser (nothing
+     published yet: the spec's full schedule from scratch);
+  4. evaluate candidate and incumbent on the same, new validation split;
+  5. publish the candidate only if its validation loss beats the incumbent's by
+     retrain.min_improvement, else record it as rejected.
+The last stdout line is JSON with "action": skipped | promoted | rejected.  A second job started
+while one runs exits with status 75 and writes nothing.
+"""
+import os
+import sys
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not jobs/
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+from jobs.runtime import init_ray, main  # noqa: E402
+from jobs.spec import Spec, add_spec_arguments, dump_spec, expand_path, spec_from_args  # noqa: E402
+from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
+from pipeline.reader import load_manifest  # noqa: E402
+from pipeline.sources import content_identity, list_documents  # noqa: E402
+from pipeline.storage import join  # noqa: E402
+from train.checkpoint import check_compatible, load_payload  # noqa: E402
+from train.loop import evaluate_checkpoints, model_shape, say  # noqa: E402
+from train.registry import Lease, ModelRegistry, Version  # noqa: E402
+from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: E402
+
+
+def changed_documents(current: dict[str, str], published: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(new or changed, removed) document URLs, given {URL: content identity} now and at publication."""
+    new = sorted(url for url, identity in current.items() if published.get(url) != identity)
+    return new, sorted(set(published) - set(current))
+
+
+def is_better(candidate_loss: float, incumbent_loss: float | None, min_improvement: float) -> bool:
+    return incumbent_loss is None or candidate_loss < incumbent_loss - min_improvement
+
+
+def candidate_spec(spec: Spec, registry: ModelRegistry, warm: bool) -> Spec:
+    """The candidate's own run, beside the registry; a warm start trains retrain.steps."""
+    name = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    train = dataclasses.replace(spec.train, steps=spec.retrain.steps) if warm else spec.train
+    run = dataclasses.replace(spec.run, name=name, storage=join(registry.url, "candidates"))
+    return dataclasses.replace(spec, train=train, run=run)
+
+
+def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
+    incumbent: Version | None = registry.published()
+    documents = list_documents(spec.data.sources, spec.storage)
+    current = {d.url: content_identity(d, spec.storage) for d in documents}
+    new, removed = changed_documents(current, incumbent.sources if incumbent else {})
+    result = {"model": spec.retrain.model, "registry": registry.url, "model_version": incumbent and incumbent.name,
+              "new_documents": len(new), "reused_documents": len(current) - len(new),
+              "removed_documents": len(removed), "candidate_val_loss": None, "incumbent_val_loss": None}
+    if incumbent and not new and not removed:
+        say(f"charnn.retrain: {len(current)} documents, none new or changed since {incumbent.name}; nothing to do")
+        return {**result, "action": "skipped"}
+    say(f"charnn.retrain: {len(new)} new or changed and {len(removed)} removed documents since "
+        f"{incumbent.name if incumbent else 'the start (nothing published)'}")
+    if incumbent:  # fail before any work if the spec no longer fits the published model
+        check_compatible(load_payload(incumbent.url, spec.storage), model_shape(spec, spec.data.alphabet),
+                         spec.data.alphabet)
+
+    init_ray()
+    import ray
+
+    dataset = build_dataset(DatasetRequest.from_spec(spec))
+    candidate = candidate_spec(spec, registry, warm=incumbent is not None)
+    fit = make_trainer(candidate, dataset, init_from=incumbent.url if incumbent else None).fit()
+    if fit.error is not None:
+        raise training_error(fit.error)
+    candidate_url = checkpoint_url(candidate.run.storage, fit.checkpoint)
+
+    evaluate = ray.remote(num_cpus=spec.cluster.cpus_per_worker)(evaluate_checkpoints)
+    urls = [candidate_url] + ([incumbent.url] if incumbent else [])
+    figures = ray.get(evaluate.remote(urls, dataset, spec.storage))
+    ours, theirs = figures[0], (figures[1] if incumbent else None)
+    result.update(candidate_val_loss=ours["val_loss"], incumbent_val_loss=theirs and theirs["val_loss"],
+                  candidate=candidate_url, dataset=dataset)
+    info = {"metrics": ours, "incumbent": incumbent and {"version": incumbent.name, **theirs},
+            "candidate": candidate_url, "spec": dump_spec(candidate),
+            "dataset": {"url": dataset, "sources": load_manifest(dataset, spec.storage)["sources"]}}
+    versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
+    if is_better(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement):
+        version = registry.publish(candidate_url, info, lease)
+        say(f"charnn.retrain: promoted {version.name}: val_loss {ours['val_loss']:.4f} against {versus}")
+        return {**result, "action": "promoted", "model_version": version.name}
+    record = registry.reject(candidate.run.name, info)
+    say(f"charnn.retrain: rejected the candidate: val_loss {ours['val_loss']:.4f} against {versus} "
+        f"(must gain {spec.retrain.min_improvement}); recorded in {record}")
+    return {**result, "action": "rejected", "rejected": record}
+
+
+def run() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_spec_arguments(parser)
+    spec = spec_from_args(parser.parse_args())
+    spec.data.dataset_root = expand_path(spec.data.dataset_root)
+    spec.run.storage = expand_path(spec.run.storage)
+    registry = ModelRegistry(join(spec.run.storage, "models", spec.retrain.model), spec.storage)
+    with registry.lease(spec.retrain.lease_minutes * 60) as lease:
+        return retrain(spec, registry, lease)
+
+
+if __name__ == "__main__":
+    main(run)

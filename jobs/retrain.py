@@ -24,12 +24,12 @@ import dataclasses  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
-from jobs.runtime import init_ray, main  # noqa: E402
+from jobs.runtime import init_ray, main, require_workers  # noqa: E402
 from jobs.spec import Spec, add_spec_arguments, dump_spec, expand_path, spec_from_args  # noqa: E402
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
 from pipeline.reader import load_manifest  # noqa: E402
 from pipeline.sources import content_identity, list_documents  # noqa: E402
-from pipeline.storage import join  # noqa: E402
+from pipeline.storage import join, redact  # noqa: E402
 from train.checkpoint import check_compatible, load_payload  # noqa: E402
 from train.loop import evaluate_checkpoints, model_shape, say  # noqa: E402
 from train.registry import Lease, ModelRegistry, Version  # noqa: E402
@@ -57,7 +57,7 @@ def candidate_spec(spec: Spec, registry: ModelRegistry, warm: bool) -> Spec:
 def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     incumbent: Version | None = registry.published()
     documents = list_documents(spec.data.sources, spec.storage)
-    current = {d.url: content_identity(d, spec.storage) for d in documents}
+    current = {redact(d.url): content_identity(d, spec.storage) for d in documents}  # as the manifest records them
     new, removed = changed_documents(current, incumbent.sources if incumbent else {})
     result = {"model": spec.retrain.model, "registry": registry.url, "model_version": incumbent and incumbent.name,
               "new_documents": len(new), "reused_documents": len(current) - len(new),
@@ -71,7 +71,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
         check_compatible(load_payload(incumbent.url, spec.storage), model_shape(spec, spec.data.alphabet),
                          spec.data.alphabet)
 
-    init_ray()
+    require_workers(spec.cluster, init_ray())
     import ray
 
     dataset = build_dataset(DatasetRequest.from_spec(spec))

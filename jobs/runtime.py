@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Callable
 
 from jobs.spec import SpecError
@@ -13,34 +14,67 @@ from pipeline.alphabet import AlphabetError
 from pipeline.build import PipelineError
 from pipeline.layout import LayoutError
 from pipeline.reader import DatasetError
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, redact
 from train.checkpoint import CheckpointError
 from train.generate import GenerateError
 from train.registry import RegistryBusy, RegistryError
 from train import TrainingError
 
 # Errors that the user can fix: one line on stderr and exit 2, no traceback.
+class ClusterError(RuntimeError):
+    """A cluster that cannot place the spec's workers."""
+
+
 USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError,
-               GenerateError, RegistryError)
+               GenerateError, RegistryError, ClusterError)
 BUSY_EXIT = 75  # EX_TEMPFAIL: another job holds the model registry; a scheduler may simply try later
 
 
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or the job's own), else start an embedded local Ray."""
+def init_ray() -> bool:
+    """Join the cluster in RAY_ADDRESS (or the job's own), else start an embedded local Ray;
+    returns whether Ray is embedded (no other nodes will ever join)."""
     import ray
 
+    embedded = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
+        return embedded
+    if embedded:
         ray.init(address="local", log_to_driver=True)  # dashboard on 127.0.0.1: Ray Train needs its state API
+    else:
+        ray.init(log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    return embedded
+
+
+def require_workers(cluster, embedded: bool) -> None:
+    """Fail fast when the cluster cannot place the spec's workers, where Ray Train would wait
+    for them forever; a remote cluster may autoscale, so it gets cluster.resource_timeout_s."""
+    import ray
+
+    need = {"CPU": cluster.num_workers * cluster.cpus_per_worker, "GPU": cluster.num_workers if cluster.use_gpu else 0}
+    deadline = time.monotonic() + (0 if embedded else cluster.resource_timeout_s)
+    while True:
+        have = ray.cluster_resources()
+        short = {k: v for k, v in need.items() if v and have.get(k, 0) < v}
+        if not short:
+            return
+        wants = ", ".join(f"{v} {k} (it has {have.get(k, 0):g})" for k, v in short.items())
+        if time.monotonic() >= deadline:
+            fix = "set cluster.use_gpu=false or use a cluster with GPUs" if "GPU" in short else \
+                "lower cluster.num_workers or cluster.cpus_per_worker"
+            raise ClusterError(f"the cluster cannot place {cluster.num_workers} workers: they need {wants}; {fix}")
+        logging.getLogger("charnn").info("waiting for the cluster to offer %s", wants)
+        time.sleep(5)
 
 
 def print_result(result: dict) -> None:
     """The last stdout line: one JSON object that schedulers read."""
-    print(json.dumps(result, sort_keys=True), flush=True)
+    print(redact(json.dumps(result, sort_keys=True)), flush=True)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _interrupt(signum, frame) -> None:
@@ -49,17 +83,19 @@ def _interrupt(signum, frame) -> None:
 
 def main(run: Callable[[], dict | None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run()
     except RegistryBusy as exc:
-        print(f"charnn: busy: {exc}", file=sys.stderr, flush=True)
+        print(f"charnn: busy: {redact(str(exc))}", file=sys.stderr, flush=True)
         sys.exit(BUSY_EXIT)
     except USER_ERRORS as exc:
-        print(f"charnn: error: {exc}", file=sys.stderr, flush=True)
+        print(f"charnn: error: {redact(str(exc))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingError as exc:
-        print(f"charnn: error: {exc}", file=sys.stderr, flush=True)
+        print(f"charnn: error: {redact(str(exc))}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
         print("charnn: interrupted", file=sys.stderr, flush=True)

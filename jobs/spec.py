@@ -80,6 +80,7 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: int = _f(1, gt=0)
     max_failures: int = _f(0, ge=0)
+    resource_timeout_s: int = _f(600, ge=0)  # how long a remote (autoscaling) cluster may take to offer the workers
 
 
 @dataclass
@@ -225,7 +226,10 @@ def spec_to_dict(spec: Spec) -> dict:
 
 
 def dump_spec(spec: Spec) -> str:
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+    """The resolved spec as YAML, for the records: credentials in URLs are masked."""
+    from pipeline.storage import redact
+
+    return redact(yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -12,7 +12,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rep
 
 import argparse  # noqa: E402
 
-from jobs.runtime import init_ray, main  # noqa: E402
+from jobs.runtime import init_ray, main, require_workers  # noqa: E402
 from jobs.spec import add_spec_arguments, dump_spec, expand_path, spec_from_args  # noqa: E402
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
 from pipeline.storage import join, open_url, write_bytes_atomic  # noqa: E402
@@ -32,7 +32,7 @@ def run() -> dict:
     resume_from = latest_checkpoint(run_url, spec.storage)
     if resume_from:  # fail before any work if the run's checkpoints are of another model
         check_compatible(load_payload(resume_from, spec.storage), model_shape(spec, spec.data.alphabet), spec.data.alphabet)
-    init_ray()
+    require_workers(spec.cluster, init_ray())
     dataset = build_dataset(DatasetRequest.from_spec(spec))
     fs, path = open_url(join(run_url, "spec.yaml"), spec.storage)
     write_bytes_atomic(fs, path, dump_spec(spec).encode())

@@ -23,8 +23,8 @@ import pyarrow.ipc
 
 from pipeline.alphabet import alphabet_size, encode, unknown_fraction
 from pipeline.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
-from pipeline.sources import SPLIT_RULE, assign_splits, content_hash, list_documents
-from pipeline.storage import describe_error, join, open_url, write_bytes_atomic
+from pipeline.sources import SPLIT_RULE, assign_splits, content_hash, list_documents, store_identity
+from pipeline.storage import describe_error, join, open_url, redact, write_bytes_atomic
 
 FORMAT = "charnn.rows/1"
 SHARD_SCHEMA = pa.schema([("row", pa.int32()), ("start", pa.int64()), ("tokens", pa.list_(pa.uint8()))])
@@ -78,6 +78,24 @@ def _reporting_errors(task):
     return wrapper
 
 
+def read_as_listed(fs, path: str, row: dict) -> bytes:
+    """The document's bytes, as the listing saw it: a file that vanished or changed since, or
+    while it was read, is an error, so that no dataset mixes two versions of a corpus."""
+    try:
+        fs.invalidate_cache(path)  # the listing's cached metadata is what we compare against
+        before = fs.info(path)
+        data = fs.cat_file(path)
+        fs.invalidate_cache(path)
+        after = fs.info(path)
+    except FileNotFoundError:
+        raise PipelineError("it disappeared after the sources were listed; run the job again") from None
+    same = (store_identity(after) == row["etag"]) if row["etag"] else (
+        len(data) == row["size"] == after["size"] and before.get("mtime") == after.get("mtime"))
+    if not same:
+        raise PipelineError("it changed after the sources were listed or while it was read; run the job again")
+    return data
+
+
 @_reporting_errors
 def _encode_document(row: dict, root: str, alphabet: str, storage) -> dict:
     """Ray Data task: identify one document and make sure its codes are in the cache."""
@@ -85,13 +103,13 @@ def _encode_document(row: dict, root: str, alphabet: str, storage) -> dict:
     data = None
     identity = row["etag"]
     if not identity:
-        data = fs.cat_file(path)
+        data = read_as_listed(fs, path, row)
         identity = content_hash(data)
     cache_fs, cache_path = open_url(doc_cache_url(root, alphabet, identity), storage)
     if cache_fs.exists(cache_path):
         tokens, unknown, reused = cache_fs.size(cache_path), -1.0, True
     else:
-        data = fs.cat_file(path) if data is None else data
+        data = read_as_listed(fs, path, row) if data is None else data
         codes = encode(gzip.decompress(data) if row["url"].endswith(".gz") else data, alphabet)
         write_bytes_atomic(cache_fs, cache_path, codes.tobytes())
         tokens, unknown, reused = int(codes.size), unknown_fraction(codes, alphabet), False
@@ -228,7 +246,8 @@ def build_dataset(request: DatasetRequest) -> str:
         "format": FORMAT, "alphabet": request.alphabet, "alphabet_size": alphabet_size(request.alphabet),
         "seq_len": request.seq_len, "workers": request.workers, "split_rule": SPLIT_RULE,
         "val_fraction": request.val_fraction,
-        "sources": [{k: d[k] for k in ("url", "key", "size", "identity", "tokens", "split")} for d in docs],
+        "sources": [{**{k: d[k] for k in ("key", "size", "identity", "tokens", "split")}, "url": redact(d["url"])}
+                    for d in docs],
         "splits": manifest_splits,
     }
     write_bytes_atomic(fs, manifest_path, json.dumps(manifest, indent=1).encode())

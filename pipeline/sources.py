@@ -23,10 +23,13 @@ class Document:
 
 def _full_url(fs, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    if protocol in ("file", "local") or "://" in path:  # HTTP paths are full URLs already
+        return path
+    return f"{protocol}://{path}"
 
 
-def _etag(info: dict) -> str | None:
+def store_identity(info: dict) -> str | None:
+    """The content identity a store gives for free (ETag, md5, crc32c), if any."""
     for field in ("ETag", "etag", "md5Hash", "crc32c"):
         if info.get(field):
             return f"{field.lower()}:{str(info[field]).strip(chr(34))}"
@@ -59,7 +62,7 @@ def list_documents(sources: list[str], storage: Any | None = None) -> list[Docum
             raise StorageError(f"source {source!r} matches no files; check the path, glob or bucket")
         for p, info in files.items():
             doc_url = _full_url(fs, p)
-            documents[doc_url] = Document(doc_url, posixpath.relpath(p, root), int(info.get("size") or 0), _etag(info))
+            documents[doc_url] = Document(doc_url, posixpath.relpath(p, root), int(info.get("size") or 0), store_identity(info))
     return [documents[u] for u in sorted(documents)]
 
 

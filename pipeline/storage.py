@@ -6,10 +6,16 @@ credentials themselves come from the environment, as boto expects, never from a 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from typing import Any
 
 import fsspec
+
+
+# Attempts per S3 request: standard mode backs off exponentially (up to 20 s), so an endpoint
+# that is away for tens of seconds costs a pause, not the run; then the error is final.
+S3_ATTEMPTS = 10
 
 
 class StorageError(RuntimeError):
@@ -20,7 +26,7 @@ def fsspec_options(url: str, storage: Any | None) -> dict:
     """Keyword arguments for fsspec's filesystem behind ``url``."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
-        options: dict = {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 4, "mode": "standard"}}}
+        options: dict = {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"}}}
         if storage is not None:
             if storage.endpoint_url:
                 options["endpoint_url"] = storage.endpoint_url
@@ -63,6 +69,20 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     os.replace(tmp, path)
 
 
+_SECRETS = (
+    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), "***@"),  # user:password@ in a URL
+    (re.compile(r"(?i)\b((?:x-amz-)?(?:signature|credential|security-token|token|secret|password|sig)=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "AKIA***"),  # AWS access key ids
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials that URLs and keys can carry masked, for logs, errors and records."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def describe_error(url: str, exc: BaseException) -> str:
     """One line that says what failed and what to check."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -71,4 +91,4 @@ def describe_error(url: str, exc: BaseException) -> str:
         hint = "; check storage.endpoint_url, the bucket name and AWS credentials"
     elif url.startswith(("gs://", "gcs://")):
         hint = "; check the bucket name and Google credentials"
-    return f"{url}: {type(exc).__name__}: {text[:300]}{hint}"
+    return redact(f"{url}: {type(exc).__name__}: {text[:300]}{hint}")

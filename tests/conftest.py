@@ -145,7 +145,7 @@ class RayCluster:
         self.dashboard = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
         # Jobs run the `python` on the PATH of whoever ran `ray start`: this interpreter's.
-        self.env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+        self.env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_DEDUP_LOGS": "0",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = temp_dir
@@ -184,8 +184,124 @@ def last_json(text: str) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     cluster = RayCluster(tmp_path_factory.mktemp("ray")).start()
     yield cluster
     cluster.stop()
+
+
+SMOKE_ROWS = 8
+
+
+def train_smoke(root: Path, name: str, workers: int, steps: int, *extra: str, env: dict | None = None,
+                check: bool = True):
+    """jobs/train.py on the smoke model over ``root/corpus``: dropout 0, the global loss logged every
+    step, no checkpoints or validation unless ``extra`` asks for them."""
+    return run_job(
+        "train.py", "--spec", "jobs/specs/smoke.yaml",
+        "--set", f"data.sources=[{root / 'corpus'}]", "--set", f"data.dataset_root={root / 'datasets'}",
+        "--set", f"run.storage={root / 'runs'}", "--set", f"run.name={name}",
+        "--set", f"cluster.num_workers={workers}", "--set", f"train.batch_per_worker={SMOKE_ROWS // workers}",
+        "--set", f"train.steps={steps}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0",
+        "--set", "train.validate_every=0", "--set", "model.dropout=0.0", *extra, env=env, check=check,
+    )
+
+
+def tb_losses(root: Path, name: str) -> dict[int, float]:
+    """The train loss curve that a run wrote to TensorBoard, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "runs" / name / "tensorboard")).Reload().Scalars("train/loss")
+    return {e.step: e.value for e in events}
+
+
+class FlakyProxy:
+    """A TCP forwarder from a port of its own to ``target_port``, both on 127.0.0.1, that a test
+    takes down (new connections refused, open ones cut) and brings back: a storage outage."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.port, self.target = free_port(), target_port
+        self.live = threading.Event()
+        self.connections: set = set()
+
+    def up(self) -> "FlakyProxy":
+        import socket
+        import threading
+
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        server.settimeout(0.1)
+        self.live.set()
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        self.live.clear()
+        for connection in list(self.connections):
+            connection.close()
+        self.connections.clear()
+
+    def _accept(self, server) -> None:
+        import socket
+        import threading
+
+        with server:
+            while self.live.is_set():
+                try:
+                    client, _ = server.accept()
+                except socket.timeout:
+                    continue
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.target))
+                except OSError:
+                    client.close()
+                    continue
+                self.connections |= {client, upstream}
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                s.close()
+
+
+FAULT_REPORT: list[dict] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """`pytest -m faults` ends with one table of what was injected and what it cost."""
+    if not FAULT_REPORT:
+        return
+    columns = ("fault", "injected", "recoveries", "steps recomputed", "final loss vs uninterrupted")
+    rows = [[str(r[c]) for c in columns] for r in FAULT_REPORT]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    terminalreporter.section("fault injection")
+    for row in [list(columns), ["-" * w for w in widths], *rows]:
+        terminalreporter.write_line(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory) -> Path:
+    """Runs of the smoke model over short documents: 24 steps an epoch, so 30 steps cross an epoch boundary."""
+    root = tmp_path_factory.mktemp("smoke")
+    write_corpus(root / "corpus", documents=6, lines=14, seed=5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def two_workers(smoke_root) -> dict:
+    """The uninterrupted reference: 2 workers x 4 rows, 30 steps (run "two-workers")."""
+    _, result = train_smoke(smoke_root, "two-workers", 2, 30)
+    return result

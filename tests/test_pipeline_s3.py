@@ -8,6 +8,7 @@ import pytest
 from conftest import MotoServer, free_port
 from pipeline.build import DatasetRequest, build_dataset
 from pipeline.reader import SplitReader, load_manifest
+from jobs.spec import StorageConfig
 from pipeline.storage import StorageError
 
 pytestmark = pytest.mark.ray
@@ -79,3 +80,36 @@ def test_wrong_credentials_are_one_clear_error(ray_local, tmp_path, corpus):
 def test_missing_bucket_is_one_clear_error(ray_local, tmp_path, moto_s3):
     with pytest.raises(StorageError, match="s3://no-such-bucket/x"):
         build_dataset(request(["s3://no-such-bucket/x"], str(tmp_path / "ds"), moto_s3.endpoint))
+
+
+def test_a_source_that_changes_or_vanishes_after_listing_is_an_error(moto_s3, bucket, tmp_path):
+    from pipeline.build import _encode_document
+    from pipeline.sources import list_documents
+
+    storage = StorageConfig(endpoint_url=moto_s3.endpoint)
+    client = moto_s3.client()
+    for name in ("a.txt", "b.txt"):
+        client.put_object(Bucket=bucket, Key=f"corpus/{name}", Body=b"To be, or not to be.\n" * 20)
+    listed = {d.key: d for d in list_documents([f"s3://{bucket}/corpus"], storage)}
+    client.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"Another version.\n" * 20)
+    client.delete_object(Bucket=bucket, Key="corpus/b.txt")
+    rows = {k: {"url": d.url, "key": k, "size": d.size, "etag": d.etag, "split": "train"} for k, d in listed.items()}
+    options = {"root": str(tmp_path / "datasets"), "alphabet": "gorner98", "storage": storage}
+    changed, vanished = _encode_document(rows["a.txt"], **options), _encode_document(rows["b.txt"], **options)
+    assert "changed after the sources were listed" in changed["error"]
+    assert "disappeared after the sources were listed" in vanished["error"]
+    assert not (tmp_path / "datasets").exists()  # nothing was cached under the stale identity
+
+
+def test_a_local_source_that_changes_after_listing_is_an_error(tmp_path):
+    from pipeline.build import _encode_document
+    from pipeline.sources import list_documents
+
+    path = tmp_path / "corpus" / "a.txt"
+    path.parent.mkdir()
+    path.write_text("To be, or not to be.\n" * 20)
+    (document,) = list_documents([str(path.parent)])
+    path.write_text("To be, or not to be, that is the question.\n" * 20)
+    row = {"url": document.url, "key": document.key, "size": document.size, "etag": "", "split": "train"}
+    result = _encode_document(row, root=str(tmp_path / "datasets"), alphabet="gorner98", storage=None)
+    assert "changed after the sources were listed" in result["error"]

@@ -107,3 +107,41 @@ def test_checkpoints_and_run_files_in_s3(tmp_path, moto_s3, bucket):
     first, _ = run_job("generate.py", *args)
     again, _ = run_job("generate.py", *args)
     assert len(first.stdout.strip()) > 0 and first.stdout == again.stdout
+
+
+def test_use_gpu_on_a_cluster_without_gpus_fails_fast_and_writes_nothing(tmp_path):
+    proc, _ = run_job("train.py", "--spec", "jobs/specs/smoke.yaml", "--set", "cluster.use_gpu=true",
+                      "--set", f"run.storage={tmp_path / 'runs'}", "--set", f"data.dataset_root={tmp_path / 'datasets'}",
+                      check=False, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the cluster cannot place 2 workers: they need 2 GPU (it has 0); set cluster.use_gpu=false" in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "datasets").exists()
+
+
+def test_credentials_never_reach_logs_records_or_the_result(tmp_path):
+    """A source URL with a password, and AWS keys in the environment: none of them may be echoed."""
+    import functools
+    import http.server
+    import threading
+
+    from conftest import write_corpus
+
+    write_corpus(tmp_path / "site" / "plays", documents=1, lines=300)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    password, key_id, secret = "FAKEpassword7781", "AKIAFAKEFAKEFAKE7781", "FAKEsecretAccessKey7781"
+    source = f"http://charnn:{password}@127.0.0.1:{server.server_address[1]}/plays/doc-000.txt"
+    try:
+        proc, result = run_job("train.py", "--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{source}]",
+                               "--set", f"run.storage={tmp_path / 'runs'}", "--set", f"data.dataset_root={tmp_path / 'datasets'}",
+                               "--set", "train.steps=10", env={"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret})
+    finally:
+        server.shutdown()
+    assert result["steps"] == 10
+    records = [p for p in tmp_path.rglob("*") if p.is_file() and "site" not in p.parts]
+    assert any(p.name == "spec.yaml" for p in records) and any(p.name == "manifest.json" for p in records)
+    assert "http://***@127.0.0.1" in (tmp_path / "runs" / "smoke" / "spec.yaml").read_text()
+    for text in [proc.stdout, proc.stderr, *(p.read_bytes().decode("latin-1") for p in records)]:
+        for value in (password, key_id, secret):
+            assert value not in text

@@ -6,43 +6,20 @@ to TensorBoard; runs are compared on those curves.
 import pytest
 import torch
 
-from conftest import run_job, write_corpus
+from conftest import tb_losses as losses, train_smoke as train
 
 pytestmark = pytest.mark.ray
-ROWS = 8
-
-
-def train(root, name, workers, steps, *extra, check=True):
-    return run_job(
-        "train.py", "--spec", "jobs/specs/smoke.yaml",
-        "--set", f"data.sources=[{root / 'corpus'}]", "--set", f"data.dataset_root={root / 'datasets'}",
-        "--set", f"run.storage={root / 'runs'}", "--set", f"run.name={name}",
-        "--set", f"cluster.num_workers={workers}", "--set", f"train.batch_per_worker={ROWS // workers}",
-        "--set", f"train.steps={steps}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0",
-        "--set", "train.validate_every=0", "--set", "model.dropout=0.0", *extra, check=check,
-    )
-
-
-def losses(root, name) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(root / "runs" / name / "tensorboard")).Reload().Scalars("train/loss")
-    return {e.step: e.value for e in events}
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    # short documents: 24 steps an epoch, so 30 steps cross an epoch boundary
-    write_corpus(root / "corpus", documents=6, lines=14, seed=5)
-    return root
+def root(smoke_root):
+    return smoke_root
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(root):
+def uninterrupted(root, two_workers):
     _, one = train(root, "one-worker", 1, 30)
-    _, two = train(root, "two-workers", 2, 30)
-    return one, two
+    return one, two_workers
 
 
 def test_loss_curve_does_not_depend_on_how_rows_are_split(root, uninterrupted):

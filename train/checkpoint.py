@@ -2,14 +2,19 @@
 
 A checkpoint directory holds ``model.pt`` (weights, shape, alphabet, spec, dataset, step)
 and ``optimizer.pt`` from rank 0, plus from every rank the hidden states of the rows it owns
-(``carry-rows-<first>-<stop>.pt``) and its RNG state (``rng-rank<r>.pt``).  Ray Train merges
-the ranks' files into one directory.  Hidden states are stored per row, so a run can resume
-on another number of workers.
+(``carry-rows-<first>-<stop>.pt``), its RNG state (``rng-rank<r>.pt``) and, written last, the
+SHA-256 of each of its files (``checksums-rank<r>.json``).  Ray Train merges the ranks' files
+into one directory.  Hidden states are stored per row, so a run can resume on another number
+of workers.  A checkpoint whose checksums are missing or do not match (damaged, or written by
+a save that was interrupted) is skipped in favour of the previous good one.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import json
+import logging
 import os
 from typing import Any
 
@@ -21,6 +26,9 @@ from train.model import CharGRU, ModelShape
 FORMAT = "charnn.checkpoint/1"
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
+CHECKSUMS = "checksums-rank{rank:04d}.json"
+
+log = logging.getLogger("charnn.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +48,40 @@ def save_model_files(directory: str, model: CharGRU, optimizer, scheduler, meta:
                os.path.join(directory, MODEL_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                os.path.join(directory, OPTIMIZER_FILE))
+
+
+def save_checksums(directory: str, rank: int, world: int) -> None:
+    """Seal this rank's files: called after it has written all of them."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            files[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    with open(os.path.join(directory, CHECKSUMS.format(rank=rank)), "w") as f:
+        json.dump({"world": world, "files": files}, f)
+
+
+def checkpoint_problem(url: str, storage: Any = None) -> str | None:
+    """Why the checkpoint at ``url`` (a directory or storage URL) cannot be trusted, or None."""
+    try:
+        fs, path = open_url(url, storage)
+        fs.invalidate_cache()
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        sums = sorted(n for n in present if n.startswith("checksums-rank"))
+        if not sums:
+            return "it has no checksums-rank*.json (its save did not finish)"
+        world = json.loads(fs.cat_file(f"{path}/{sums[0]}"))["world"]
+        for rank in range(world):
+            name = CHECKSUMS.format(rank=rank)
+            if name not in present:
+                return f"{name} is missing (rank {rank}'s save did not finish)"
+            for file, digest in json.loads(fs.cat_file(f"{path}/{name}"))["files"].items():
+                if file not in present:
+                    return f"{file} is missing"
+                if hashlib.sha256(fs.cat_file(f"{path}/{file}")).hexdigest() != digest:
+                    return f"{file} does not match its checksum (damaged or partly written)"
+    except Exception as exc:  # noqa: BLE001 - unreadable is untrustworthy
+        return describe_error(url, exc)
+    return None
 
 
 def _load(path: str) -> dict:
@@ -94,15 +136,28 @@ def load_rng_file(directory: str, rank: int) -> dict | None:
 
 
 def latest_checkpoint(run_url: str, storage: Any = None) -> str | None:
-    """URL of a run's newest complete checkpoint directory (Ray names them by time), if any."""
+    """URL of a run's newest good checkpoint directory (Ray names them by time), if any.
+    Damaged ones are skipped, with a warning."""
     fs, path = open_url(run_url, storage)
+    fs.invalidate_cache()
     if not fs.exists(path):
         return None
-    names = sorted(p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
-    for name in reversed(names):
-        if fs.exists(f"{name}/{MODEL_FILE}"):
-            return run_url.rstrip("/") + "/" + name.rstrip("/").rsplit("/", 1)[-1]
+    names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
+        url = run_url.rstrip("/") + "/" + name
+        problem = checkpoint_problem(url, storage)
+        if problem is None:
+            return url
+        log.warning("skipping checkpoint %s: %s", url, problem)
     return None
+
+
+def copy_checkpoint(url: str, directory: str, storage: Any = None) -> None:
+    """Download a (flat) checkpoint directory from any storage URL."""
+    fs, path = open_url(url, storage)
+    for remote in fs.ls(path, detail=False):
+        with open(os.path.join(directory, remote.rstrip("/").rsplit("/", 1)[-1]), "wb") as f:
+            f.write(fs.cat_file(remote))
 
 
 def load_payload(url: str, storage: Any = None) -> dict:

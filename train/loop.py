@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from jobs.spec import Spec, dump_spec, spec_from_dict
 from pipeline.alphabet import alphabet_size
 from pipeline.reader import SplitReader, load_manifest
-from pipeline.storage import join
+from pipeline.storage import is_local, join, open_url
 from train import checkpoint as ckpt
 from train.carry import epoch_of, next_epoch_states
+from train.faults import inject
 from train.generate import GenerateOptions, sample_text
 from train.metrics import RunLog
 from train.model import CharGRU, ModelShape
@@ -174,13 +175,13 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(spec.train.seed * 1000 + rank + 1)  # per-rank dropout streams
 
     step, states, saved = 0, model.zero_state(len(train_rows.rows), device), {}
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as directory:
+    with _resume_directory(ray.train.get_checkpoint(), join(spec.run.storage, spec.run.name), spec.storage) as directory:
+        restored = directory is not None
+        if restored:
             step, states, saved = _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank)
-        states = states.to(device)
-        if rank == 0:
-            say(f"charnn: resumed {spec.run.name} at step {step}/{total_steps}")
+            states = states.to(device)
+            if rank == 0:
+                say(f"charnn: resumed {spec.run.name} at step {step}/{total_steps}")
     if step >= total_steps and restored:  # a finished run submitted again: report its final figures
         ray.train.report(saved.get("metrics", {}))
         return
@@ -203,6 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
                                                      spec.train.grad_clip, device)
         interval.add(loss, logits, y)
         step += 1
+        inject("kill", step, rank)
+        inject("raise", step, rank)
         first_loss = first_loss if first_loss is not None else _all_sum([loss.item()], device)[0] / world
 
         last = step == total_steps
@@ -227,7 +230,8 @@ def train_loop_per_worker(config: dict) -> None:
             history = run_log.history if rank == 0 else None
             _report(metrics, save, model, optimizer, scheduler,
                     {**meta, "step": step, "epoch": epoch, "metrics": metrics, "history": history},
-                    rank, train_rows.rows, states)
+                    rank, world, train_rows.rows, states)
+        inject("pause", step, rank)
     if rank == 0:
         run_log.close()
 
@@ -248,7 +252,7 @@ def _log_validation(run_log: RunLog, step: int, metrics: dict) -> None:
                                   "bpc": metrics["val_bpc"]})
 
 
-def _report(metrics, save, model, optimizer, scheduler, meta, rank, rows, states) -> None:
+def _report(metrics, save, model, optimizer, scheduler, meta, rank, world, rows, states) -> None:
     if not save:
         ray.train.report(metrics)
         return
@@ -256,7 +260,37 @@ def _report(metrics, save, model, optimizer, scheduler, meta, rank, rows, states
         ckpt.save_rank_files(directory, rank, rows, states)
         if rank == 0:
             ckpt.save_model_files(directory, model, optimizer, scheduler, meta)
+        ckpt.save_checksums(directory, rank, world)
+        inject("kill-in-checkpoint", meta["step"], rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+@contextlib.contextmanager
+def _resume_directory(registered: ray.train.Checkpoint | None, run_url: str, storage):
+    """A local directory holding the run's newest good checkpoint, or None for a fresh start.
+
+    The newest good one (all ranks' checksums hold) may be newer than the one Ray Train hands
+    back, when a worker died between saving a checkpoint and the controller registering it;
+    or older, when the registered one was damaged afterwards."""
+    url = ckpt.latest_checkpoint(run_url, storage)
+    name = url and url.rsplit("/", 1)[-1]
+    theirs = registered and registered.path.rstrip("/").rsplit("/", 1)[-1]
+    if theirs and url is None:
+        raise ckpt.CheckpointError(f"checkpoint {theirs} of {run_url} is damaged and no earlier one is good; "
+                                   f"delete {run_url} to start over")
+    if theirs and name != theirs:
+        why = "is damaged" if name < theirs else "is older than one saved but not yet registered"
+        say(f"charnn: warning: checkpoint {theirs} {why}; resuming from {name}")
+    if url is None:
+        yield None
+        return
+    fs, path = open_url(url, storage)
+    if is_local(fs):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="charnn-resume-") as local:
+        ckpt.copy_checkpoint(url, local, storage)
+        yield local
 
 
 def _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank):

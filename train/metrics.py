@@ -22,8 +22,9 @@ class RunLog:
         self.fs, path = open_url(join(run_url, "tensorboard"), storage)
         self.remote = None if is_local(self.fs) else path
         local = path if self.remote is None else tempfile.mkdtemp(prefix="charnn-tb-")
-        # purge_step drops events a crashed attempt wrote after the checkpoint we resume from
-        self.writer = SummaryWriter(local, purge_step=start_step or None)
+        # purge_step drops events a crashed attempt wrote after the checkpoint we resume from (the
+        # checkpoint step's own were logged before it was saved)
+        self.writer = SummaryWriter(local, purge_step=start_step + 1 if start_step else None)
         self.local = local
         self.history = history or {"train": [], "val": []}
 

@@ -9,20 +9,23 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.spec import Spec, spec_to_dict
 from pipeline.reader import DatasetError
-from pipeline.storage import StorageError
+from pipeline.storage import S3_ATTEMPTS, StorageError
 from train import TrainingError
 from train.checkpoint import CheckpointError
 from train.loop import train_loop_per_worker
 
 
 def storage_for_ray(url: str, storage) -> tuple[str, pyarrow.fs.FileSystem | None]:
-    """(storage_path, storage_filesystem) for RunConfig: S3 endpoint overrides need a filesystem."""
-    if url.startswith(("s3://", "s3a://")) and storage is not None and storage.endpoint_url:
-        scheme = "https" if storage.endpoint_url.startswith("https") else "http"
-        fs = pyarrow.fs.S3FileSystem(
-            endpoint_override=storage.endpoint_url.split("://", 1)[-1], scheme=scheme,
-            region=storage.region or "us-east-1", anonymous=storage.anon,
-        )
+    """(storage_path, storage_filesystem) for RunConfig: S3 gets a filesystem of its own, for
+    the endpoint override and for patient retries."""
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = storage.endpoint_url if storage is not None else None
+        options = {"endpoint_override": endpoint.split("://", 1)[-1], "region": "us-east-1",
+                   "scheme": "https" if endpoint.startswith("https") else "http"} if endpoint else {}
+        if storage is not None and storage.region:
+            options["region"] = storage.region
+        fs = pyarrow.fs.S3FileSystem(anonymous=bool(storage and storage.anon), **options,
+                                     retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
         return url.split("://", 1)[1], fs
     if "://" not in url:
         return os.path.abspath(os.path.expanduser(url)), None

@@ -102,6 +102,7 @@ class StorageConfig:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint override (MinIO, moto)
     region: Optional[str] = None
     anon: bool = False
+    max_attempts: int = _f(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
 
 
 @dataclass

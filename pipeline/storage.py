@@ -13,9 +13,13 @@ from typing import Any
 import fsspec
 
 
-# Attempts per S3 request: standard mode backs off exponentially (up to 20 s), so an endpoint
-# that is away for tens of seconds costs a pause, not the run; then the error is final.
+# Attempts per S3 request when the spec says nothing: standard mode backs off exponentially
+# (up to 20 s), so an endpoint that is away for tens of seconds costs a pause, not the run.
 S3_ATTEMPTS = 10
+
+
+def s3_attempts(storage: Any | None) -> int:
+    return getattr(storage, "max_attempts", None) or S3_ATTEMPTS
 
 
 class StorageError(RuntimeError):
@@ -26,7 +30,7 @@ def fsspec_options(url: str, storage: Any | None) -> dict:
     """Keyword arguments for fsspec's filesystem behind ``url``."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
-        options: dict = {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"}}}
+        options: dict = {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": s3_attempts(storage), "mode": "standard"}}}
         if storage is not None:
             if storage.endpoint_url:
                 options["endpoint_url"] = storage.endpoint_url

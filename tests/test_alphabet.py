@@ -48,3 +48,13 @@ def test_unknown_fraction_flags_binary_data():
 def test_unknown_alphabet_is_a_clear_error():
     with pytest.raises(AlphabetError, match="unknown alphabet 'latin'"):
         alphabet_size("latin")
+
+
+@given(st.binary(max_size=512), st.sampled_from(["gorner98", "bytes"]) | st.text(max_size=10))
+def test_fuzz_encoder_only_raises_alphabet_error(data, alphabet):
+    try:
+        codes = encode(data, alphabet)
+    except AlphabetError as e:
+        assert "\n" not in str(e) and alphabet not in ("gorner98", "bytes")
+    else:
+        assert codes.dtype == np.uint8 and int(codes.max(initial=0)) < alphabet_size(alphabet)

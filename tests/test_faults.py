@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAULT_REPORT, REPO, FlakyProxy, SMOKE_ROWS, tb_losses, train_smoke
+from conftest import FAST_TRAIN_ENV, FAULT_REPORT, REPO, FlakyProxy, SMOKE_ROWS, tb_losses, train_smoke
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 STEPS, EVERY = 30, 10
@@ -94,7 +94,7 @@ def test_a_storage_outage_during_training_is_retried(root, uninterrupted, tmp_pa
             "--set", "cluster.num_workers=2", "--set", f"train.batch_per_worker={SMOKE_ROWS // 2}",
             "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", f"train.checkpoint_every={EVERY}",
             "--set", "train.validate_every=0", "--set", "model.dropout=0.0"]
-    env = {**os.environ, **faults(tmp_path, "pause@9:0", CHARNN_FAULT_PAUSE_S="3")}
+    env = {**os.environ, **FAST_TRAIN_ENV, **faults(tmp_path, "pause@9:0", CHARNN_FAULT_PAUSE_S="3")}
     env.pop("RAY_ADDRESS", None)
     job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], env=env, cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

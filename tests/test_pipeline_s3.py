@@ -14,13 +14,13 @@ from pipeline.storage import StorageError
 pytestmark = pytest.mark.ray
 
 
-def storage(endpoint):
-    return SimpleNamespace(endpoint_url=endpoint, region=None, anon=False)
+def storage(endpoint, max_attempts=None):
+    return SimpleNamespace(endpoint_url=endpoint, region=None, anon=False, max_attempts=max_attempts)
 
 
-def request(sources, root, endpoint=None):
+def request(sources, root, endpoint=None, max_attempts=None):
     return DatasetRequest(sources=sources, alphabet="gorner98", seq_len=8, rows=4, workers=2, val_fraction=0.25,
-                          shard_mb=1, dataset_root=root, storage=storage(endpoint))
+                          shard_mb=1, dataset_root=root, storage=storage(endpoint, max_attempts))
 
 
 def all_rows(url, endpoint=None):
@@ -60,7 +60,7 @@ def test_gzip_sources_read_as_their_text(ray_local, tmp_path, corpus):
 def test_unreachable_endpoint_is_one_clear_error(ray_local, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError, match="cannot list source s3://nowhere/corpus.*check storage.endpoint_url") as info:
-        build_dataset(request(["s3://nowhere/corpus"], str(tmp_path / "ds"), closed))
+        build_dataset(request(["s3://nowhere/corpus"], str(tmp_path / "ds"), closed, max_attempts=2))
     assert "\n" not in str(info.value)
 
 

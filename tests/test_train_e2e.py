@@ -83,6 +83,19 @@ def test_generate_names_a_missing_checkpoint(tmp_path):
     assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
 
 
+def test_generate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04 not a torch archive")
+    proc, _ = run_job("generate.py", "--checkpoint", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "is not a readable charnn checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_warns_about_prime_characters_outside_the_alphabet(smoke_run):
+    _, _, result = smoke_run
+    proc, _ = run_job("generate.py", "--checkpoint", result["checkpoint"], "--prime", "Über naïve", "--length", "20")
+    assert "--prime has 2 characters outside the alphabet" in proc.stderr and len(proc.stdout.strip()) >= 20
+
+
 def test_train_rejects_a_bad_spec_key_before_starting_ray(tmp_path):
     proc, _ = run_job("train.py", "--spec", "jobs/specs/smoke.yaml", "--set", "train.stesp=3", check=False)
     assert proc.returncode == 2

@@ -31,9 +31,22 @@ def test_loss_curve_does_not_depend_on_how_rows_are_split(root, uninterrupted):
     assert uninterrupted[0]["epoch"] >= 1, "the run must cross an epoch boundary"
 
 
-def test_exact_resume_continues_with_the_carried_state(root, uninterrupted):
-    _, first = train(root, "resumed", 2, 12)
+@pytest.fixture(scope="module")
+def partial(root) -> str:
+    """A run stopped after 12 of 30 steps (2 workers); tests resume copies of it."""
+    _, first = train(root, "partial", 2, 12)
     assert first["steps"] == 12
+    return "partial"
+
+
+def resume_copy(root, partial: str, name: str) -> None:
+    import shutil
+
+    shutil.copytree(root / "runs" / partial, root / "runs" / name)
+
+
+def test_exact_resume_continues_with_the_carried_state(root, uninterrupted, partial):
+    resume_copy(root, partial, "resumed")
     proc, second = train(root, "resumed", 2, 30)
     assert "resumed resumed at step 12/30" in proc.stdout
     full, resumed = losses(root, "two-workers"), losses(root, "resumed")
@@ -45,8 +58,8 @@ def test_exact_resume_continues_with_the_carried_state(root, uninterrupted):
         torch.testing.assert_close(saved["model"][key], tensor, rtol=1e-5, atol=1e-7)
 
 
-def test_resume_on_another_number_of_workers(root, uninterrupted):
-    train(root, "regrouped", 2, 12)
+def test_resume_on_another_number_of_workers(root, uninterrupted, partial):
+    resume_copy(root, partial, "regrouped")
     proc, _ = train(root, "regrouped", 1, 30)
     assert "resumed regrouped at step 12/30" in proc.stdout
     full, resumed = losses(root, "one-worker"), losses(root, "regrouped")

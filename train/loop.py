@@ -175,7 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(spec.train.seed * 1000 + rank + 1)  # per-rank dropout streams
 
     step, states, saved = 0, model.zero_state(len(train_rows.rows), device), {}
-    with _resume_directory(ray.train.get_checkpoint(), join(spec.run.storage, spec.run.name), spec.storage) as directory:
+    run_url = join(spec.run.storage, spec.run.name)
+    with _resume_directory(ray.train.get_checkpoint(), run_url, spec.storage, rank) as directory:
         restored = directory is not None
         if restored:
             step, states, saved = _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank)
@@ -186,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(saved.get("metrics", {}))
         return
 
-    run_log = RunLog(join(spec.run.storage, spec.run.name), spec.storage, step, saved.get("history")) if rank == 0 else None
+    run_log = RunLog(run_url, spec.storage, step, saved.get("history")) if rank == 0 else None
     meta = {"alphabet": manifest["alphabet"], "spec": dump_spec(spec),
             "dataset": {"url": config["dataset"], "sources": manifest["sources"]}}
     interval, windows, last_train, started, first_step = Interval(), None, {}, time.perf_counter(), step
@@ -266,7 +267,7 @@ def _report(metrics, save, model, optimizer, scheduler, meta, rank, world, rows,
 
 
 @contextlib.contextmanager
-def _resume_directory(registered: ray.train.Checkpoint | None, run_url: str, storage):
+def _resume_directory(registered: ray.train.Checkpoint | None, run_url: str, storage, rank: int):
     """A local directory holding the run's newest good checkpoint, or None for a fresh start.
 
     The newest good one (all ranks' checksums hold) may be newer than the one Ray Train hands
@@ -278,7 +279,7 @@ def _resume_directory(registered: ray.train.Checkpoint | None, run_url: str, sto
     if theirs and url is None:
         raise ckpt.CheckpointError(f"checkpoint {theirs} of {run_url} is damaged and no earlier one is good; "
                                    f"delete {run_url} to start over")
-    if theirs and name != theirs:
+    if theirs and name != theirs and rank == 0:
         why = "is damaged" if name < theirs else "is older than one saved but not yet registered"
         say(f"charnn: warning: checkpoint {theirs} {why}; resuming from {name}")
     if url is None:

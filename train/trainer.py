@@ -9,7 +9,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.spec import Spec, spec_to_dict
 from pipeline.reader import DatasetError
-from pipeline.storage import S3_ATTEMPTS, StorageError
+from pipeline.storage import StorageError, s3_attempts
 from train import TrainingError
 from train.checkpoint import CheckpointError
 from train.loop import train_loop_per_worker
@@ -25,7 +25,7 @@ def storage_for_ray(url: str, storage) -> tuple[str, pyarrow.fs.FileSystem | Non
         if storage is not None and storage.region:
             options["region"] = storage.region
         fs = pyarrow.fs.S3FileSystem(anonymous=bool(storage and storage.anon), **options,
-                                     retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+                                     retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts(storage)))
         return url.split("://", 1)[1], fs
     if "://" not in url:
         return os.path.abspath(os.path.expanduser(url)), None

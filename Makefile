@@ -25,7 +25,7 @@ demo: $(INSTALLED)
 	$(LOOPBACK) $(PY) jobs/train.py --spec jobs/specs/shakespeare-demo.yaml
 
 test: $(INSTALLED)
-	$(LOOPBACK) $(PY) -m pytest -q tests
+	$(LOOPBACK) $(PY) -m pytest -q --durations=15 tests
 
 # Re-pin constraints.txt after changing pyproject.toml's ranges.
 lock: $(INSTALLED)

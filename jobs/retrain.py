@@ -19,13 +19,12 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not jobs/
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
-from jobs.runtime import init_ray, main, require_workers  # noqa: E402
-from jobs.spec import Spec, add_spec_arguments, dump_spec, expand_path, spec_from_args  # noqa: E402
+from jobs.runtime import init_ray, job_spec, main, require_workers  # noqa: E402
+from jobs.spec import Spec, dump_spec  # noqa: E402
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
 from pipeline.reader import load_manifest  # noqa: E402
 from pipeline.sources import content_identity, list_documents  # noqa: E402
@@ -102,11 +101,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
 
 
 def run() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_spec_arguments(parser)
-    spec = spec_from_args(parser.parse_args())
-    spec.data.dataset_root = expand_path(spec.data.dataset_root)
-    spec.run.storage = expand_path(spec.run.storage)
+    spec = job_spec(__doc__)
     registry = ModelRegistry(join(spec.run.storage, "models", spec.retrain.model), spec.storage)
     with registry.lease(spec.retrain.lease_minutes * 60) as lease:
         return retrain(spec, registry, lease)

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Callable
 
-from jobs.spec import SpecError
+from jobs.spec import Spec, SpecError, add_spec_arguments, expand_path, spec_from_args
 from pipeline.alphabet import AlphabetError
 from pipeline.build import PipelineError
 from pipeline.layout import LayoutError
@@ -28,6 +28,19 @@ class ClusterError(RuntimeError):
 USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError,
                GenerateError, RegistryError, ClusterError)
 BUSY_EXIT = 75  # EX_TEMPFAIL: another job holds the model registry; a scheduler may simply try later
+
+
+def job_spec(description: str) -> Spec:
+    """The spec named by --spec and --set on the command line, its storage paths made absolute
+    (Ray's workers do not share the driver's working directory)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_spec_arguments(parser)
+    spec = spec_from_args(parser.parse_args())
+    spec.data.dataset_root = expand_path(spec.data.dataset_root)
+    spec.run.storage = expand_path(spec.run.storage)
+    return spec
 
 
 def init_ray() -> bool:

@@ -4,18 +4,14 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not jobs/
 
-import argparse  # noqa: E402
 
-from jobs.runtime import init_ray, main  # noqa: E402
-from jobs.spec import add_spec_arguments, spec_from_args  # noqa: E402
+from jobs.runtime import init_ray, job_spec, main  # noqa: E402
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
 from pipeline.reader import load_manifest  # noqa: E402
 
 
 def run() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_spec_arguments(parser)
-    spec = spec_from_args(parser.parse_args())
+    spec = job_spec(__doc__)
     init_ray()
     url = build_dataset(DatasetRequest.from_spec(spec))
     manifest = load_manifest(url, spec.storage)

@@ -10,10 +10,9 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not jobs/
 
-import argparse  # noqa: E402
 
-from jobs.runtime import init_ray, main, require_workers  # noqa: E402
-from jobs.spec import add_spec_arguments, dump_spec, expand_path, spec_from_args  # noqa: E402
+from jobs.runtime import init_ray, job_spec, main, require_workers  # noqa: E402
+from jobs.spec import dump_spec  # noqa: E402
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
 from pipeline.storage import join, open_url, write_bytes_atomic  # noqa: E402
 from train.generate import GenerateOptions, sample_text  # noqa: E402
@@ -23,11 +22,7 @@ from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: 
 
 
 def run() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_spec_arguments(parser)
-    spec = spec_from_args(parser.parse_args())
-    spec.data.dataset_root = expand_path(spec.data.dataset_root)
-    spec.run.storage = expand_path(spec.run.storage)
+    spec = job_spec(__doc__)
     run_url = join(spec.run.storage, spec.run.name)
     resume_from = latest_checkpoint(run_url, spec.storage)
     if resume_from:  # fail before any work if the run's checkpoints are of another model

@@ -10,7 +10,7 @@ LOOPBACK := env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_
 	RAY_USAGE_STATS_ENABLED=0 RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/ \
 	AWS_EC2_METADATA_DISABLED=true RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
-.PHONY: demo test install lock clean
+.PHONY: demo test install lock clean gpu-data
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ demo: $(INSTALLED)
 	$(LOOPBACK) $(PY) jobs/train.py --spec jobs/specs/shakespeare-demo.yaml
 
 test: $(INSTALLED)
-	$(LOOPBACK) $(PY) -m pytest -q --durations=15 tests
+	$(LOOPBACK) $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+
+# The Shakespeare dataset laid out for 1 worker x 256 rows, for bench/gpu.sh on a lent GPU
+# (carry .gpu-data): the GPU machine has no Ray and no network.
+gpu-data: $(INSTALLED)
+	$(PY) -m pipeline.corpora shakespeare
+	$(LOOPBACK) $(PY) jobs/tokenize.py --spec jobs/specs/shakespeare-quality.yaml --set cluster.num_workers=1 \
+		--set train.batch_per_worker=256 --set data.dataset_root=$(CURDIR)/.gpu-data
 
 # Re-pin constraints.txt after changing pyproject.toml's ranges.
 lock: $(INSTALLED)

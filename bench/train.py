@@ -35,7 +35,7 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
     """The training step of train/loop.py, timed after warm-up; returns tokens/s (this worker)."""
-    from train.loop import train_step
+    from train.step import train_step
     from train.model import CharGRU, ModelShape
     from train.optim import make_optimizer
     from jobs.spec import TrainConfig

@@ -30,8 +30,9 @@ from pipeline.reader import load_manifest  # noqa: E402
 from pipeline.sources import content_identity, list_documents  # noqa: E402
 from pipeline.storage import join, redact  # noqa: E402
 from train.checkpoint import check_compatible, load_payload  # noqa: E402
-from train.loop import evaluate_checkpoints, model_shape, say  # noqa: E402
+from train.loop import model_shape, say  # noqa: E402
 from train.registry import Lease, ModelRegistry, Version  # noqa: E402
+from train.step import evaluate_checkpoints  # noqa: E402
 from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: E402
 
 

@@ -47,17 +47,22 @@ def alphabet_size(alphabet: str) -> int:
     raise AlphabetError(f"unknown alphabet {alphabet!r}; use one of {', '.join(ALPHABETS)}")
 
 
-def encode(data: bytes, alphabet: str = "gorner98") -> np.ndarray:
-    """Codes (uint8) of the raw bytes of one document."""
+def encode_bytes(data: bytes, alphabet: str = "gorner98") -> bytes:
+    """Codes of the raw bytes of one document, one byte each (what the document cache holds)."""
     alphabet_size(alphabet)
     if alphabet == "bytes":
-        return np.frombuffer(data, dtype=np.uint8).copy()
+        return data
     data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if not data.isascii():
         # Only non-ASCII text pays for decoding; one code per character after it.
         text = data.decode("utf-8", errors="replace")
         data = text.encode("ascii", errors="charnn.unknown")
-    return np.frombuffer(data.translate(_GORNER_TABLE), dtype=np.uint8).copy()
+    return data.translate(_GORNER_TABLE)
+
+
+def encode(data: bytes, alphabet: str = "gorner98") -> np.ndarray:
+    """Codes (uint8, a read-only view: no copy of a large document) of the raw bytes of one document."""
+    return np.frombuffer(encode_bytes(data, alphabet), dtype=np.uint8)
 
 
 def encode_text(text: str, alphabet: str = "gorner98") -> np.ndarray:
@@ -76,8 +81,9 @@ def decode(codes, alphabet: str = "gorner98") -> str:
     return raw.decode("ascii")
 
 
-def unknown_fraction(codes: np.ndarray, alphabet: str = "gorner98") -> float:
+def unknown_fraction(codes: bytes | np.ndarray, alphabet: str = "gorner98") -> float:
     """Share of codes that are "unknown": high for binary files fed to gorner98."""
+    codes = np.frombuffer(codes, dtype=np.uint8)
     if alphabet != "gorner98" or codes.size == 0:
         return 0.0
-    return float(np.count_nonzero(codes == 0)) / codes.size
+    return (codes.size - np.count_nonzero(codes)) / codes.size

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
-from pipeline.alphabet import alphabet_size, encode, unknown_fraction
+from pipeline.alphabet import alphabet_size, encode_bytes, unknown_fraction
 from pipeline.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from pipeline.sources import SPLIT_RULE, assign_splits, content_hash, list_documents, store_identity
 from pipeline.storage import describe_error, join, open_url, redact, write_bytes_atomic
@@ -110,9 +110,10 @@ def _encode_document(row: dict, root: str, alphabet: str, storage) -> dict:
         tokens, unknown, reused = cache_fs.size(cache_path), -1.0, True
     else:
         data = read_as_listed(fs, path, row) if data is None else data
-        codes = encode(gzip.decompress(data) if row["url"].endswith(".gz") else data, alphabet)
-        write_bytes_atomic(cache_fs, cache_path, codes.tobytes())
-        tokens, unknown, reused = int(codes.size), unknown_fraction(codes, alphabet), False
+        codes = encode_bytes(gzip.decompress(data) if row["url"].endswith(".gz") else data, alphabet)
+        # A cache entry is rebuilt from its source at will: no fsync, which would idle the core.
+        write_bytes_atomic(cache_fs, cache_path, codes, durable=False)
+        tokens, unknown, reused = len(codes), unknown_fraction(codes, alphabet), False
     return {**row, "identity": identity, "tokens": int(tokens), "unknown": unknown, "reused": reused}
 
 

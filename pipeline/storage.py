@@ -59,8 +59,9 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Readers see the whole file or nothing: an object PUT is atomic, a local file is renamed into place."""
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
+    """Readers see the whole file or nothing: an object PUT is atomic, a local file is renamed into
+    place; ``durable`` local files are synced to disk before the rename."""
     if not is_local(fs):
         fs.pipe_file(path, data)
         return
@@ -68,8 +69,9 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

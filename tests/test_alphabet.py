@@ -58,3 +58,12 @@ def test_fuzz_encoder_only_raises_alphabet_error(data, alphabet):
         assert "\n" not in str(e) and alphabet not in ("gorner98", "bytes")
     else:
         assert codes.dtype == np.uint8 and int(codes.max(initial=0)) < alphabet_size(alphabet)
+
+
+def test_encode_bytes_is_what_the_document_cache_holds():
+    from pipeline.alphabet import encode_bytes
+
+    raw = b"To be,\r\nor not\rto be \xe2\x80\x94 that\xff is"
+    cached = encode_bytes(raw)
+    assert isinstance(cached, bytes) and list(cached) == encode(raw).tolist()
+    assert unknown_fraction(cached) == unknown_fraction(encode(raw)) == 2 / len(cached)

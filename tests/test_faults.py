@@ -1,7 +1,7 @@
 """Faults injected into real runs: dead workers, a stopped job, a damaged checkpoint, a storage
 outage.  Each run must end as the uninterrupted run ends (CPU, dropout 0: within 1e-5).
 
-`pytest -m faults` runs these alone and ends with one table (conftest.FAULT_REPORT)."""
+`pytest -m faults` runs these alone and ends with one table (each test records its row as the "fault" property)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAIN_ENV, FAULT_REPORT, REPO, FlakyProxy, SMOKE_ROWS, tb_losses, train_smoke
+from conftest import FAST_TRAIN_ENV, REPO, FlakyProxy, SMOKE_ROWS, tb_losses, train_smoke
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 STEPS, EVERY = 30, 10
@@ -63,7 +63,7 @@ def killed(root, tmp_path_factory) -> tuple:
     return proc, result, sorted(os.listdir(markers))
 
 
-def test_workers_killed_mid_step_and_mid_checkpoint_are_restarted_and_resume(root, uninterrupted, killed):
+def test_workers_killed_mid_step_and_mid_checkpoint_are_restarted_and_resume(root, uninterrupted, killed, record_property):
     proc, result, fired = killed
     assert fired == ["kill-15-1", "kill-in-checkpoint-20-1"], "every fault fired once"
     resumes = resumed_at(proc.stdout, "killed")
@@ -71,12 +71,12 @@ def test_workers_killed_mid_step_and_mid_checkpoint_are_restarted_and_resume(roo
     recomputed = [15 - 10, 20 - 10]
     assert max(recomputed) <= EVERY
     diff = same_run(root, "killed", result, uninterrupted)
-    FAULT_REPORT.append({"fault": "SIGKILL a worker (mid-step, mid-checkpoint)", "injected": 2,
-                         "recoveries": len(resumes), "steps recomputed": sum(recomputed),
-                         "final loss vs uninterrupted": f"{diff:.1e}"})
+    record_property("fault", {"fault": "SIGKILL a worker (mid-step, mid-checkpoint)", "injected": 2,
+                              "recoveries": len(resumes), "steps recomputed": sum(recomputed),
+                              "final loss vs uninterrupted": f"{diff:.1e}"})
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterrupted, killed):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterrupted, killed, record_property):
     import shutil
 
     shutil.copytree(root / "runs" / "killed", root / "runs" / "damaged")  # a finished run with 3 checkpoints
@@ -89,11 +89,11 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterr
     assert f"skipping checkpoint {newest}: {carry.name} does not match its checksum" in proc.stderr
     assert f"checkpoint {newest.name} is damaged" in proc.stdout and resumed_at(proc.stdout, "damaged") == [20]
     diff = same_run(root, "damaged", result, uninterrupted)
-    FAULT_REPORT.append({"fault": "truncated file in the newest checkpoint", "injected": 1, "recoveries": 1,
-                         "steps recomputed": STEPS - 20, "final loss vs uninterrupted": f"{diff:.1e}"})
+    record_property("fault", {"fault": "truncated file in the newest checkpoint", "injected": 1, "recoveries": 1,
+                              "steps recomputed": STEPS - 20, "final loss vs uninterrupted": f"{diff:.1e}"})
 
 
-def test_a_storage_outage_during_training_is_retried(root, uninterrupted, tmp_path, moto_s3, bucket):
+def test_a_storage_outage_during_training_is_retried(root, uninterrupted, tmp_path, moto_s3, bucket, record_property):
     proxy = FlakyProxy(moto_s3.port).up()
     moto_s3.upload_dir(bucket, "corpus", root / "corpus")  # the same documents and keys: the same dataset
     args = ["--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[s3://{bucket}/corpus]",
@@ -119,12 +119,12 @@ def test_a_storage_outage_during_training_is_retried(root, uninterrupted, tmp_pa
     assert result["steps"] == STEPS and resumed_at(out, "outage") == []
     assert result["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert result["val_loss"] == pytest.approx(uninterrupted["val_loss"], rel=1e-5)
-    FAULT_REPORT.append({"fault": "S3 endpoint away for 8 s at a checkpoint", "injected": 1, "recoveries": 1,
-                         "steps recomputed": 0,
-                         "final loss vs uninterrupted": f"{abs(result['val_loss'] - uninterrupted['val_loss']):.1e}"})
+    record_property("fault", {"fault": "S3 endpoint away for 8 s at a checkpoint", "injected": 1, "recoveries": 1,
+                              "steps recomputed": 0,
+                              "final loss vs uninterrupted": f"{abs(result['val_loss'] - uninterrupted['val_loss']):.1e}"})
 
 
-def test_a_stopped_job_resubmitted_resumes(root, uninterrupted, tmp_path, ray_cluster):
+def test_a_stopped_job_resubmitted_resumes(root, uninterrupted, tmp_path, ray_cluster, record_property):
     args = ["--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{root / 'corpus'}]",
             "--set", f"data.dataset_root={root / 'datasets'}", "--set", f"run.storage={root / 'runs'}",
             "--set", "run.name=stopped", "--set", "cluster.num_workers=2",
@@ -147,5 +147,5 @@ def test_a_stopped_job_resubmitted_resumes(root, uninterrupted, tmp_path, ray_cl
     assert status == 0 and result["steps"] == STEPS, logs[-3000:]
     assert resumed_at(logs, "stopped") == [20]
     diff = same_run(root, "stopped", result, uninterrupted)
-    FAULT_REPORT.append({"fault": "`ray job stop`, then the same job again", "injected": 1, "recoveries": 1,
-                         "steps recomputed": 0, "final loss vs uninterrupted": f"{diff:.1e}"})
+    record_property("fault", {"fault": "`ray job stop`, then the same job again", "injected": 1, "recoveries": 1,
+                              "steps recomputed": 0, "final loss vs uninterrupted": f"{diff:.1e}"})

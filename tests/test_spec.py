@@ -1,6 +1,7 @@
 """Tests for jobs.spec: real YAML files in tmp_path, no mocks, no Ray."""
 import argparse
 import dataclasses
+import glob
 import os
 import typing
 
@@ -382,3 +383,12 @@ def test_fuzz_spec_from_dict_only_raises_spec_error(tree):
     else:
         assert isinstance(spec, Spec) and spec.data.sources
         assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+SHIPPED_SPECS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "specs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED_SPECS if not p.endswith("base.yaml")])  # base: no sources
+def test_every_shipped_spec_loads(path):
+    spec = load_spec(path)
+    assert spec.data.sources and spec.run.name

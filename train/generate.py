@@ -43,7 +43,7 @@ def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]
     if alphabet == "gorner98" and (prime == 0).any():
         log.warning("--prime has %d characters outside the alphabet; they are read as 'unknown'", int((prime == 0).sum()))
     generator = torch.Generator().manual_seed(options.seed)
-    codes = model.generate(torch.from_numpy(prime).long(), options.length, options.temperature, options.top_k, generator)
+    codes = model.generate(torch.tensor(prime, dtype=torch.long), options.length, options.temperature, options.top_k, generator)
     for code in codes:
         yield decode([code], alphabet)
 

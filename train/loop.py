@@ -1,8 +1,9 @@
 """The per-worker training loop: read own rows, step, carry H, validate, checkpoint, report.
 
-``train_loop_per_worker`` runs on every Ray Train worker.  ``train_step`` is the step
-itself.  Hosts sync only at log, validation and checkpoint intervals; ``ray.train.report``
-(which blocks for about 1.5 s) is called at validation and checkpoint intervals only.
+``train_loop_per_worker`` runs on every Ray Train worker; the step itself and validation
+are in ``train/step.py``.  Hosts sync only at log, validation and checkpoint intervals;
+``ray.train.report`` (which blocks for about 1.5 s) is called at validation and checkpoint
+intervals only.
 """
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from jobs.spec import Spec, dump_spec, spec_from_dict
 from pipeline.alphabet import alphabet_size
@@ -31,6 +30,7 @@ from train.generate import GenerateOptions, sample_text
 from train.metrics import RunLog
 from train.model import CharGRU, ModelShape
 from train.optim import make_optimizer
+from train.step import all_sum, distributed, evaluate, to_batch, train_step
 
 
 def say(message: str) -> None:
@@ -42,99 +42,46 @@ def model_shape(spec: Spec, alphabet: str) -> ModelShape:
     return ModelShape(alphabet_size(alphabet), spec.model.cell_size, spec.model.layers, spec.model.embedding)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if _distributed():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:
-    if not _distributed():
+    if not distributed():
         return [t]
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return out
 
 
-def to_batch(window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets [B, T] of a window [B, T+1]; pinned and copied asynchronously on GPU."""
-    codes = torch.from_numpy(np.ascontiguousarray(window))
-    if device.type == "cuda":
-        codes = codes.pin_memory()
-    codes = codes.to(device, non_blocking=True).long()
-    return codes[:, :-1], codes[:, 1:]
+@dataclass
+class TrainClock:
+    """Seconds spent in training steps, across resumes; validation, samples and checkpoints
+    pause it (bench/quality.py measures time-to-quality with it)."""
 
+    before: float = 0.0
+    since: float = field(default_factory=lambda: time.perf_counter())
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.since
 
-
-def train_step(model, optimizer, scheduler, x, y, states, grad_clip: float, device):
-    """One optimiser step from the carried ``states``; returns (loss, logits, next states, grad norm)."""
-    with autocast(device):
-        logits, h = model(x, states)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    optimizer.step()
-    scheduler.step()
-    return loss.detach(), logits.detach(), h.detach().float(), grad_norm
-
-
-@torch.no_grad()
-def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
-    """Loss, accuracy and bits per character over every validation row of every worker."""
-    was_training = model.training
-    model.eval()
-    h = model.zero_state(len(reader.rows), device)
-    loss_sum = correct = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for _, window in reader.windows():
-        x, y = to_batch(window, device)
-        with autocast(device):
-            logits, h = model(x, h)
-        loss_sum = loss_sum + F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        correct = correct + (logits.argmax(-1) == y).sum()
-        count += y.numel()
-    model.train(was_training)
-    loss_sum, correct, count = _all_sum([float(loss_sum), float(correct), count], device)
-    loss = loss_sum / count
-    return {"val_loss": loss, "val_accuracy": correct / count, "val_bpc": loss / math.log(2)}
-
-
-def evaluate_checkpoints(urls: list[str], dataset_url: str, storage=None) -> list[dict]:
-    """Validation figures of each checkpoint over every validation row, in this one process.
-
-    Every rank's rows hold the same number of tokens, so the mean of the ranks' means is the
-    figure ``evaluate`` gives under Ray Train."""
-    manifest = load_manifest(dataset_url, storage)
-    world = manifest["workers"]
-    readers = [SplitReader(dataset_url, manifest, "val", rank, world, storage) for rank in range(world)]
-    figures = []
-    for url in urls:
-        model, payload = ckpt.load_model(url, storage)
-        if payload["alphabet"] != manifest["alphabet"]:
-            raise ckpt.CheckpointError(f"{url} is a {payload['alphabet']} model; the dataset is {manifest['alphabet']}")
-        per_rank = [evaluate(model, reader, torch.device("cpu")) for reader in readers]
-        figures.append({key: sum(f[key] for f in per_rank) / world for key in per_rank[0]})
-    return figures
+    @contextlib.contextmanager
+    def paused(self):
+        self.before = self.seconds()
+        yield
+        self.since = time.perf_counter()
 
 
 @dataclass
 class Interval:
-    """Train figures since the last log line, summed on the device (no host sync per step)."""
+    """Train figures since the last log line, summed on the device (no host sync per step); its
+    speed is over training time (``clock``), so a validation in between does not lower it."""
 
+    clock: TrainClock
     loss: torch.Tensor | float = 0.0
     correct: torch.Tensor | float = 0.0
     count: int = 0
     steps: int = 0
-    since: float = field(default_factory=time.perf_counter)
+    since: float = 0.0
+
+    def __post_init__(self):
+        self.since = self.clock.seconds()
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.loss = self.loss + loss
@@ -144,10 +91,10 @@ class Interval:
 
     def close(self, device) -> dict:
         """Mean loss and accuracy over all workers, and this interval's speed; starts a new interval."""
-        seconds, steps = time.perf_counter() - self.since, self.steps
-        loss, correct, count = _all_sum([float(self.loss) / steps, float(self.correct), self.count], device)
-        world = dist.get_world_size() if _distributed() else 1
-        self.__init__()
+        seconds, steps = self.clock.seconds() - self.since, self.steps
+        loss, correct, count = all_sum([float(self.loss) / steps, float(self.correct), self.count], device)
+        world = dist.get_world_size() if distributed() else 1
+        self.__init__(self.clock)
         return {"loss": loss / world, "accuracy": correct / count, "tokens_per_s": count / seconds,
                 "seconds_per_step": seconds / steps}
 
@@ -190,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
     run_log = RunLog(run_url, spec.storage, step, saved.get("history")) if rank == 0 else None
     meta = {"alphabet": manifest["alphabet"], "spec": dump_spec(spec),
             "dataset": {"url": config["dataset"], "sources": manifest["sources"]}}
-    interval, windows, last_train, started, first_step = Interval(), None, {}, time.perf_counter(), step
+    clock = TrainClock(saved.get("metrics", {}).get("train_seconds", 0.0))
+    interval, windows, last_train, started, first_step = Interval(clock), None, {}, time.perf_counter(), step
     first_loss = saved.get("metrics", {}).get("first_loss")
     while step < total_steps:
         epoch, in_epoch = epoch_of(step, train_rows.steps)
@@ -207,40 +155,43 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         inject("kill", step, rank)
         inject("raise", step, rank)
-        first_loss = first_loss if first_loss is not None else _all_sum([loss.item()], device)[0] / world
+        first_loss = first_loss if first_loss is not None else all_sum([loss.item()], device)[0] / world
 
         last = step == total_steps
         if step % spec.train.log_every == 0 or last:
             last_train = {**interval.close(device), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             if rank == 0:
-                _log_progress(run_log, step, total_steps, epoch, last_train)
+                _log_progress(run_log, step, total_steps, epoch, last_train, clock.seconds())
         if rank == 0 and spec.train.sample_every and step % spec.train.sample_every == 0:
-            run_log.sample(step, "".join(sample_text(model, manifest["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=5))))
+            with clock.paused():
+                run_log.sample(step, "".join(sample_text(model, manifest["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=5))))
         validate = last or (spec.train.validate_every and step % spec.train.validate_every == 0)
         save = last or (spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0)
         if validate or save:
-            metrics = {"step": step, "epoch": epoch, "first_loss": first_loss,
-                       **{f"train_{k}": v for k, v in last_train.items()},
-                       "tokens_per_s": (step - first_step) * x.numel() * world / (time.perf_counter() - started)}
-            if validate:
-                metrics.update(evaluate(model, val_rows, device))
+            with clock.paused():
+                metrics = {"step": step, "epoch": epoch, "first_loss": first_loss, "train_seconds": clock.before,
+                           **{f"train_{k}": v for k, v in last_train.items()},
+                           "tokens_per_s": (step - first_step) * x.numel() * world / (time.perf_counter() - started)}
+                if validate:
+                    metrics.update(evaluate(model, val_rows, device))
+                    if rank == 0:
+                        _log_validation(run_log, step, metrics)
                 if rank == 0:
-                    _log_validation(run_log, step, metrics)
-            if rank == 0:
-                run_log.flush()
-            history = run_log.history if rank == 0 else None
-            _report(metrics, save, model, optimizer, scheduler,
-                    {**meta, "step": step, "epoch": epoch, "metrics": metrics, "history": history},
-                    rank, world, train_rows.rows, states)
+                    run_log.flush()
+                history = run_log.history if rank == 0 else None
+                _report(metrics, save, model, optimizer, scheduler,
+                        {**meta, "step": step, "epoch": epoch, "metrics": metrics, "history": history},
+                        rank, world, train_rows.rows, states)
         inject("pause", step, rank)
     if rank == 0:
         run_log.close()
 
 
-def _log_progress(run_log: RunLog, step: int, total: int, epoch: int, figures: dict) -> None:
+def _log_progress(run_log: RunLog, step: int, total: int, epoch: int, figures: dict, train_seconds: float) -> None:
     eta = (total - step) * figures["seconds_per_step"]
     say(f"charnn: step {step}/{total} epoch {epoch} loss {figures['loss']:.4f} acc {figures['accuracy']:.3f} "
-        f"{figures['tokens_per_s']:,.0f} tok/s lr {figures['lr']:.2e} grad {figures['grad_norm']:.2f} eta {eta:.0f}s")
+        f"{figures['tokens_per_s']:,.0f} tok/s lr {figures['lr']:.2e} grad {figures['grad_norm']:.2f} "
+        f"train {train_seconds:.0f}s eta {eta:.0f}s")
     run_log.scalars("train", step, {"loss": figures["loss"], "accuracy": figures["accuracy"],
                                     "bpc": figures["loss"] / math.log(2), "lr": figures["lr"],
                                     "tokens_per_s": figures["tokens_per_s"], "grad_norm": figures["grad_norm"]})
@@ -248,7 +199,7 @@ def _log_progress(run_log: RunLog, step: int, total: int, epoch: int, figures: d
 
 def _log_validation(run_log: RunLog, step: int, metrics: dict) -> None:
     say(f"charnn: step {step} val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.3f} "
-        f"val_bpc {metrics['val_bpc']:.3f}")
+        f"val_bpc {metrics['val_bpc']:.3f} train {metrics['train_seconds']:.0f}s")
     run_log.scalars("val", step, {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"],
                                   "bpc": metrics["val_bpc"]})
 

@@ -25,7 +25,7 @@ demo: $(INSTALLED)
 	$(LOOPBACK) $(PY) jobs/train.py --spec jobs/specs/shakespeare-demo.yaml
 
 test: $(INSTALLED)
-	$(LOOPBACK) $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(LOOPBACK) $(PY) -m pytest -q --durations=15 tests
 
 # The Shakespeare dataset laid out for 1 worker x 256 rows, for bench/gpu.sh on a lent GPU
 # (carry .gpu-data): the GPU machine has no Ray and no network.

@@ -161,30 +161,7 @@ class RayCluster:
         return self
 
     def stop(self) -> None:
-        """End this cluster's processes only: `ray stop` would end every Ray on the machine, the
-        embedded ones of tests running beside this one too.  Workers exit once their raylet is gone."""
-        import signal
-        import time
-
-        def own() -> list[int]:  # its processes name the cluster's temp dir on their command lines
-            pids = []
-            for entry in os.scandir("/proc"):
-                try:
-                    if entry.name.isdigit() and str(self.temp_dir).encode() in Path(entry.path, "cmdline").read_bytes():
-                        pids.append(int(entry.name))
-                except OSError:
-                    pass
-            return pids
-
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            for pid in own():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while own() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
 
     def job_command(self, submission_id: str, script: str, *args: str, wait: bool = True) -> list[str]:
         return [self.ray, "job", "submit", "--address", self.address, "--submission-id", submission_id,
@@ -211,16 +188,10 @@ def last_json(text: str) -> dict | None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    import shutil
-    import tempfile
-
-    # A short path: Ray's Unix socket paths under it must stay within 107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="charnn-ray-", dir="/tmp"))
-    cluster = RayCluster(temp_dir).start()
+def ray_cluster(tmp_path_factory):
+    cluster = RayCluster(tmp_path_factory.mktemp("ray")).start()
     yield cluster
     cluster.stop()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 SMOKE_ROWS = 8
@@ -313,20 +284,9 @@ FAULT_REPORT: list[dict] = []
 
 
 def pytest_runtest_logreport(report):
-    """Collect the fault tests' rows; under pytest-xdist the reports, properties included,
-    reach the controlling process, which prints the summary."""
+    """Collect the fault tests' rows, which each test records as its "fault" property."""
     if report.when == "call":
         FAULT_REPORT.extend(value for name, value in report.user_properties if name == "fault")
-
-
-def pytest_collection_modifyitems(items):
-    """Tests run in groups under `pytest -n 2 --dist loadgroup` (make test): one group per file,
-    because module fixtures carry state between a file's tests, except that the fault and
-    resume files share the uninterrupted reference run, so they share a group."""
-    for item in items:
-        module = item.module.__name__
-        group = "smoke-runs" if module in ("test_faults", "test_train_resume") else module
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -108,7 +108,7 @@ def quality(args) -> None:
     from pipeline.reader import SplitReader, load_manifest
     from train.carry import roll_rows
     from train.optim import lr_factor
-    from train.step import evaluate, to_batch
+    from train.step import evaluate, to_batch, train_step
 
     manifests = glob.glob(os.path.join(args.dataset, "**", "manifest.json"), recursive=True)
     if not manifests:
@@ -123,26 +123,20 @@ def quality(args) -> None:
     torch.manual_seed(0)
     model = CharGRU(ModelShape(manifest["alphabet_size"], 512, 3), dropout=args.dropout).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=on_gpu or None)
-    states = model.zero_state(len(train_rows.rows), device)
     budget = args.minutes * 60
+    warmup = int(args.warmup * 10_000)
+    step, epoch, trained, last_val, curve = 0, 0, 0.0, 0.0, []
+    # the schedule runs over the time budget, not a step count: progress in 1/10,000ths of it
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _: lr_factor(int(trained / budget * 10_000), 10_000, warmup, "cosine", 0.05))
+    states = model.zero_state(len(train_rows.rows), device)
     print(f"{url}: {len(train_rows.rows)} rows, {train_rows.steps} steps/epoch, {manifest['splits']['val']['tokens']:,} "
           f"validation tokens; lr {args.lr} cosine over {args.minutes} min, dropout {args.dropout}", flush=True)
-    step, epoch, trained, last_val, curve = 0, 0, 0.0, 0.0, []
     while trained < budget:
         for _, window in train_rows.windows():
             started = time.perf_counter()
-            progress = trained / budget
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * lr_factor(int(progress * 10_000), 10_000, int(args.warmup * 10_000), "cosine", 0.05)
             x, y = to_batch(window, device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-                logits, h = model(x, states)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-            optimizer.step()
-            states = h.detach().float()
+            loss, _, states, _ = train_step(model, optimizer, scheduler, x, y, states, 1.0, device)
             step += 1
             if step % 50 == 0:
                 sync()
@@ -152,7 +146,7 @@ def quality(args) -> None:
                 figures = evaluate(model, val_rows, device)
                 last_val = trained
                 curve.append((trained, step, epoch, figures["val_loss"]))
-                print(f"step {step} epoch {epoch} train loss {float(loss.detach()):.4f} val_loss {figures['val_loss']:.4f} "
+                print(f"step {step} epoch {epoch} train loss {float(loss):.4f} val_loss {figures['val_loss']:.4f} "
                       f"val_acc {figures['val_accuracy']:.3f} train {trained:.0f}s", flush=True)
             if trained >= budget:
                 break

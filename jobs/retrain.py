@@ -23,22 +23,25 @@ import dataclasses  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
 from jobs.runtime import init_ray, job_spec, main, require_workers  # noqa: E402
 from jobs.spec import Spec, dump_spec  # noqa: E402
-from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
+from pipeline.build import DatasetRequest, build_dataset, listed_documents  # noqa: E402
 from pipeline.reader import load_manifest  # noqa: E402
-from pipeline.sources import content_identity, list_documents  # noqa: E402
 from pipeline.storage import join, redact  # noqa: E402
 from train.checkpoint import check_compatible, load_payload  # noqa: E402
 from train.loop import model_shape, say  # noqa: E402
-from train.registry import Lease, ModelRegistry, Version  # noqa: E402
+from train.registry import SOURCES_FILE, Lease, ModelRegistry, Version  # noqa: E402
 from train.step import evaluate_checkpoints  # noqa: E402
 from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: E402
 
 
-def changed_documents(current: dict[str, str], published: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(new or changed, removed) document URLs, given {URL: content identity} now and at publication."""
-    new = sorted(url for url, identity in current.items() if published.get(url) != identity)
+def changed_documents(current: dict[str, str | None], published: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(new or changed, removed) document URLs, given {URL: content identity} now and at publication;
+    a document whose identity is not known yet (None: not in the document cache) counts as changed."""
+    new = sorted(url for url, identity in current.items() if identity is None or published.get(url) != identity)
     return new, sorted(set(published) - set(current))
 
 
@@ -56,9 +59,9 @@ def candidate_spec(spec: Spec, registry: ModelRegistry, warm: bool) -> Spec:
 
 def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     incumbent: Version | None = registry.published()
-    documents = list_documents(spec.data.sources, spec.storage)
-    current = {redact(d.url): content_identity(d, spec.storage) for d in documents}  # as the manifest records them
-    new, removed = changed_documents(current, incumbent.sources if incumbent else {})
+    listed = listed_documents(DatasetRequest.from_spec(spec))  # identities from the cache: nothing is read
+    current = dict(zip(map(redact, listed.column("url").to_pylist()), listed.column("identity").to_pylist()))
+    new, removed = changed_documents(current, incumbent.sources() if incumbent else {})
     result = {"model": spec.retrain.model, "registry": registry.url, "model_version": incumbent and incumbent.name,
               "new_documents": len(new), "reused_documents": len(current) - len(new),
               "removed_documents": len(removed), "candidate_val_loss": None, "incumbent_val_loss": None}
@@ -89,10 +92,12 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
                   candidate=candidate_url, dataset=dataset)
     info = {"metrics": ours, "incumbent": incumbent and {"version": incumbent.name, **theirs},
             "candidate": candidate_url, "spec": dump_spec(candidate),
-            "dataset": {"url": dataset, "sources": load_manifest(dataset, spec.storage)["sources"]}}
+            "dataset": {"url": dataset, "documents": len(current)}}
     versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
     if is_better(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement):
-        version = registry.publish(candidate_url, info, lease)
+        sources = pa.BufferOutputStream()
+        pq.write_table(load_manifest(dataset, spec.storage).sources(spec.storage).select(["url", "identity"]), sources)
+        version = registry.publish(candidate_url, info, lease, files={SOURCES_FILE: sources.getvalue().to_pybytes()})
         say(f"charnn.retrain: promoted {version.name}: val_loss {ours['val_loss']:.4f} against {versus}")
         return {**result, "action": "promoted", "model_version": version.name}
     record = registry.reject(candidate.run.name, info)

@@ -15,8 +15,8 @@ def run() -> dict:
     init_ray()
     url = build_dataset(DatasetRequest.from_spec(spec))
     manifest = load_manifest(url, spec.storage)
-    return {"dataset": url, "documents": len(manifest["sources"]),
-            **{f"{s}_{k}": manifest["splits"][s][k] for s in ("train", "val") for k in ("rows", "row_length", "tokens")}}
+    return {"dataset": url, "documents": manifest.documents,
+            **{f"{s}_{k}": getattr(manifest.splits[s], k) for s in ("train", "val") for k in ("rows", "row_length", "tokens")}}
 
 
 if __name__ == "__main__":

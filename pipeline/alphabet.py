@@ -48,16 +48,35 @@ def alphabet_size(alphabet: str) -> int:
 
 
 def encode_bytes(data: bytes, alphabet: str = "gorner98") -> bytes:
-    """Codes of the raw bytes of one document, one byte each (what the document cache holds)."""
-    alphabet_size(alphabet)
-    if alphabet == "bytes":
-        return data
-    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    if not data.isascii():
-        # Only non-ASCII text pays for decoding; one code per character after it.
-        text = data.decode("utf-8", errors="replace")
-        data = text.encode("ascii", errors="charnn.unknown")
-    return data.translate(_GORNER_TABLE)
+    """Codes of the raw bytes of one whole document, one byte each (what the document cache holds)."""
+    return StreamEncoder(alphabet).feed(data, final=True)
+
+
+class StreamEncoder:
+    """Encodes a document fed in chunks of any size, with exactly the codes ``encode_bytes`` gives
+    the whole: a CR that ends a chunk waits for the next (it may start a CRLF), and a UTF-8
+    character split between chunks is decoded whole."""
+
+    def __init__(self, alphabet: str = "gorner98"):
+        alphabet_size(alphabet)
+        self.alphabet = alphabet
+        self._held_cr = False
+        self._utf8 = None  # made when the first non-ASCII byte comes
+
+    def feed(self, data: bytes, final: bool = False) -> bytes:
+        if self.alphabet == "bytes":
+            return data
+        if self._held_cr:
+            data = b"\r" + data
+        self._held_cr = not final and data.endswith(b"\r")
+        if self._held_cr:
+            data = data[:-1]
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not data.isascii() or (self._utf8 and self._utf8.getstate()[0]):
+            # Only non-ASCII text pays for decoding; one code per character after it.
+            self._utf8 = self._utf8 or codecs.getincrementaldecoder("utf-8")(errors="replace")
+            data = self._utf8.decode(data, final).encode("ascii", errors="charnn.unknown")
+        return data.translate(_GORNER_TABLE)
 
 
 def encode(data: bytes, alphabet: str = "gorner98") -> np.ndarray:

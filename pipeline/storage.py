@@ -5,12 +5,16 @@ credentials themselves come from the environment, as boto expects, never from a 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
+import threading
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
+import fsspec.asyn
 
 
 # Attempts per S3 request when the spec says nothing: standard mode backs off exponentially
@@ -59,20 +63,65 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
-    """Readers see the whole file or nothing: an object PUT is atomic, a local file is renamed into
-    place; ``durable`` local files are synced to disk before the rename."""
+def protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+@contextlib.contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True) -> Iterator[Any]:
+    """A file to write at ``path`` that readers see whole or not at all.
+
+    Locally it is written under a temporary name and renamed into place (``durable``: synced
+    to disk before the rename, and its directory after).  An object store makes an object
+    visible when its upload completes; a write that fails midway may still complete a partial
+    object, which is harmless here: nothing names one before the manifest or index that is
+    written last."""
     if not is_local(fs):
-        fs.pipe_file(path, data)
+        with fs.open(path, "wb") as f:
+            yield f
         return
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with _local_atomic(path, durable) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str, durable: bool = True) -> Iterator[Any]:
+    if durable:
+        _makedirs_synced(os.path.dirname(path))
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the new one, never a torn one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        sync_directory(os.path.dirname(path))
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
+    """``data`` at ``path``, seen whole or not at all (see ``open_atomic``)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)  # one PUT
+        return
+    with open_atomic(fs, path, durable) as f:
         f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def sync_directory(path: str) -> None:
+    """Make a rename or a new file in ``path`` survive a crash (the file's own fsync does not)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _SECRETS = (
@@ -89,6 +138,19 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_urls(urls):
+    """An Arrow array of URLs with credentials masked; only the few that could hold any go
+    through ``redact``, a chunk at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(urls) == 0 or not pc.any(pc.match_substring_regex(urls, r"@|=|AKIA|ASIA|[Bb]earer")).as_py():
+        return urls
+    step = 65_536
+    return pa.chunked_array([pa.array([redact(u) for u in urls.slice(i, step).to_pylist()], pa.string())
+                             for i in range(0, len(urls), step)], pa.string())
+
+
 def describe_error(url: str, exc: BaseException) -> str:
     """One line that says what failed and what to check."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -98,3 +160,188 @@ def describe_error(url: str, exc: BaseException) -> str:
     elif url.startswith(("gs://", "gcs://")):
         hint = "; check the bucket name and Google credentials"
     return redact(f"{url}: {type(exc).__name__}: {text[:300]}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional writes, for the model registry (train/registry.py): a create that fails when the
+# object exists, and a compare-and-swap that replaces an object only if it is still the version
+# that was read.  A *tag* names one version of an object: the ETag on S3, the SHA-256 of the
+# content elsewhere.  What each backend guarantees is in train/registry.py's docstring.
+
+
+# A lease renews in a thread while the job publishes.  On NFS, Linux turns flock into a POSIX
+# lock, which does not exclude the threads of one process from each other (and any close of the
+# file drops it), so local compare-and-swaps also take this process-wide lock.
+_LOCAL_CAS = threading.Lock()
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in fs.protocol or "s3a" in fs.protocol
+
+
+def _content_tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _makedirs_synced(directory: str) -> None:
+    """``os.makedirs``, with each new directory's entry synced in its parent."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        sync_directory(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def local_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created if needed), across processes and threads.
+
+    ``flock`` on the lock's own descriptor: released when that descriptor closes, also if the
+    process dies.  On NFS, Linux turns it into a POSIX lock that needs the NFS lock manager
+    (lockd on NFSv3, built into NFSv4); a ``nolock`` mount makes it local to each host."""
+    import fcntl  # POSIX only, like the rest of the local registry's guarantees
+
+    with _LOCAL_CAS:
+        _makedirs_synced(os.path.dirname(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def s3_refusal(exc: BaseException) -> str | None:
+    """"precondition" (412) or "conflict" (409) when S3 refused a conditional write, else None.
+
+    s3fs turns a 412 into FileExistsError only when the error names the If-None-Match condition;
+    a 412 without it becomes OSError(EINVAL), a 409 ConditionalRequestConflict OSError(EIO); the
+    botocore error behind either is kept as ``__cause__``."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    if status == 412 or code == "PreconditionFailed":
+        return "precondition"
+    if status == 409 or code == "ConditionalRequestConflict":
+        return "conflict"
+    return None
+
+
+def _create_local(path: str, data: bytes) -> None:
+    _makedirs_synced(os.path.dirname(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the kernel decides who creates it
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):  # ours alone (O_EXCL): a torn file must not block others
+            os.unlink(path)
+        raise
+    sync_directory(os.path.dirname(path))
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes, lock: str | None = None) -> str | None:
+    """Write ``path`` only if it does not exist yet; FileExistsError if it does, or if S3 answered
+    a concurrent conditional write with 409.  Returns the new object's tag when the store tells it.
+
+    Local: ``O_CREAT|O_EXCL``, then the file and its directory are fsynced (inside ``lock``, a
+    ``local_lock`` path, when given).  S3: ``If-None-Match: *``.  GCS: gcsfs's
+    ``ifGenerationMatch=0``.  Any other fsspec store: fsspec's check-then-write, not exclusive."""
+    if is_local(fs):
+        with local_lock(lock) if lock else contextlib.nullcontext():
+            _create_local(path, data)
+        return _content_tag(data)
+    try:
+        out = fs.pipe_file(path, data, mode="create")
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or not s3_refusal(exc):
+            raise
+        raise FileExistsError(f"{path}: the store refused the create-only write ({s3_refusal(exc)})") from exc
+    if is_s3(fs):  # a multipart upload (over 100 MB) returns no ETag here
+        return out.get("ETag") if isinstance(out, dict) else None
+    return _content_tag(data)
+
+
+def read_tagged(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str, float | None]:
+    """(content, tag, modification time as a POSIX timestamp or None) of ``path``, all from one
+    read, so the tag is that of the content returned; FileNotFoundError if there is none."""
+    if is_local(fs):
+        with open(path, "rb") as f:
+            data = f.read()
+            return data, _content_tag(data), os.fstat(f.fileno()).st_mtime
+    if is_s3(fs):
+        return fsspec.asyn.sync(fs.loop, _s3_get, fs, path)
+    data = fs.cat_file(path)
+    try:
+        modified = fs.modified(path).timestamp()
+    except Exception:  # noqa: BLE001 - not every store reports it
+        modified = None
+    return data, _content_tag(data), modified
+
+
+async def _s3_get(fs, path: str) -> tuple[bytes, str, float | None]:
+    bucket, key, _ = fs.split_path(path)
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with response["Body"] as body:
+        data = await body.read()
+    modified = response.get("LastModified")
+    return data, response["ETag"], modified.timestamp() if modified else None
+
+
+def replace_if_match(fs: fsspec.AbstractFileSystem, path: str, data: bytes, tag: str | None,
+                     lock: str | None = None) -> str | None:
+    """Write ``path`` only if it is still the version named ``tag`` (None: only if it does not
+    exist); the new tag, or None when the object changed (or appeared, or vanished) meanwhile.
+
+    Local: inside ``lock`` (a ``local_lock`` path, required), read, compare, write a temporary file,
+    fsync, rename over ``path``, fsync the directory: readers see the old content or the new, never
+    a torn file.  S3: ``If-Match: <ETag>`` (or ``If-None-Match: *``).  GCS: create-only when
+    ``tag`` is None, else as other stores.  Other stores: read, compare and write without any
+    lock, which narrows a race but does not close it."""
+    if is_local(fs):
+        if lock is None:
+            raise ValueError("a local compare-and-swap needs a lock file")
+        with local_lock(lock):
+            return _replace_local(path, data, tag)
+    if tag is None:
+        try:
+            return create_exclusive(fs, path, data)
+        except FileExistsError:
+            return None
+    if is_s3(fs):
+        try:
+            out = fs.pipe_file(path, data, IfMatch=tag)
+        except FileNotFoundError:  # If-Match on an object that is gone: 404
+            return None
+        except OSError as exc:
+            if s3_refusal(exc):
+                return None
+            raise
+        return out.get("ETag") if isinstance(out, dict) else None
+    try:
+        current = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    if _content_tag(current) != tag:
+        return None
+    fs.pipe_file(path, data)
+    return _content_tag(data)
+
+
+def _replace_local(path: str, data: bytes, tag: str | None) -> str | None:
+    """The local compare-and-swap; the caller holds the lock that every writer of ``path`` takes."""
+    try:
+        with open(path, "rb") as f:
+            current = _content_tag(f.read())
+    except FileNotFoundError:
+        current = None
+    if current != tag:
+        return None
+    with _local_atomic(path) as f:
+        f.write(data)
+    return _content_tag(data)

@@ -67,3 +67,23 @@ def test_encode_bytes_is_what_the_document_cache_holds():
     cached = encode_bytes(raw)
     assert isinstance(cached, bytes) and list(cached) == encode(raw).tolist()
     assert unknown_fraction(cached) == unknown_fraction(encode(raw)) == 2 / len(cached)
+
+
+@given(st.binary(max_size=300) | st.text(max_size=100).map(lambda t: t.replace("x", "\r").encode()),
+       st.lists(st.integers(0, 300), max_size=6), st.sampled_from(["gorner98", "bytes"]))
+def test_a_document_fed_in_chunks_encodes_as_a_whole(data, cuts, alphabet):
+    from pipeline.alphabet import StreamEncoder, encode_bytes
+
+    bounds = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
+    encoder = StreamEncoder(alphabet)
+    chunked = b"".join(encoder.feed(data[a:b]) for a, b in zip(bounds, bounds[1:])) + encoder.feed(b"", final=True)
+    assert chunked == encode_bytes(data, alphabet)
+
+
+def test_chunk_edges_inside_a_crlf_and_a_utf8_character():
+    from pipeline.alphabet import StreamEncoder, encode_bytes
+
+    raw = "a\r\nb\u2014c\r".encode()
+    for cut in range(len(raw) + 1):
+        encoder = StreamEncoder()
+        assert encoder.feed(raw[:cut]) + encoder.feed(raw[cut:], final=True) == encode_bytes(raw), cut

@@ -20,33 +20,49 @@ def request(tmp_path, sources, **overrides):
 
 
 def expected_stream(manifest, split):
-    docs = [d for d in manifest["sources"] if d["split"] == split]
+    docs = [d for d in manifest.sources().to_pylist() if d["split"] == split]
     return np.concatenate([encode(open(d["url"], "rb").read()) for d in sorted(docs, key=lambda d: d["url"])])
 
 
-def read_rows(url, manifest, split, world):
+def read_rows(url, manifest, split, world, storage=None):
     """Every row of a split, reassembled from the windows each rank reads."""
     rows = []
     for rank in range(world):
-        windows = [w for _, w in SplitReader(url, manifest, split, rank, world).windows()]
+        windows = [w for _, w in SplitReader(url, manifest, split, rank, world, storage).windows()]
         rows += list(np.concatenate([w[:, :-1] for w in windows] + [windows[-1][:, -1:]], axis=1))
     return rows
 
 
-def test_dataset_rows_are_the_split_streams_laid_out(ray_local, tmp_path, corpus):
-    url = build_dataset(request(tmp_path, [corpus], shard_mb=1))
-    manifest = load_manifest(url)
-    assert manifest["format"] == "charnn.rows/1" and manifest["alphabet"] == "gorner98"
-    assert {d["split"] for d in manifest["sources"]} == {"train", "val"}
-    assert all(d["identity"].startswith("sha256:") for d in manifest["sources"])
+def verify_rows(url, storage=None, read=None):
+    """Every row of both splits is its slice of the split's stream, as laid out (the README's contract)."""
+    manifest = load_manifest(url, storage)
+    sources = manifest.sources(storage).to_pylist()
+    assert manifest.documents == len(sources)
+    assert {d["split"] for d in sources} == {"train", "val"}
+    assert all(d["identity"].startswith("sha256:") for d in sources)
     for split in ("train", "val"):
-        info = manifest["splits"][split]
-        stream = expected_stream(manifest, split)
-        assert info["tokens"] == stream.size
-        L = info["row_length"]
-        assert L == ((stream.size - 1) // (info["rows"] * 8)) * 8
-        for r, row in enumerate(read_rows(url, manifest, split, 2)):
+        info = manifest.splits[split]
+        stream = expected_stream(manifest, split) if read is None else read(manifest, split)
+        assert info.tokens == stream.size
+        L = info.row_length
+        assert L == ((stream.size - 1) // (info.rows * manifest.seq_len)) * manifest.seq_len
+        for r, row in enumerate(read_rows(url, manifest, split, manifest.workers, storage)):
             assert np.array_equal(row, stream[r * L : r * L + L + 1])
+    return manifest
+
+
+def test_dataset_rows_are_the_split_streams_laid_out(ray_local, tmp_path, corpus):
+    manifest = verify_rows(build_dataset(request(tmp_path, [corpus], shard_mb=1)))
+    assert manifest.format == "charnn.rows/2" and manifest.alphabet == "gorner98"
+
+
+def test_thousands_of_tiny_documents_lay_out_as_a_few_do(ray_local, tmp_path):
+    corpus = tmp_path / "many"
+    for d in range(30):  # nested directories, documents of a few dozen bytes
+        write_corpus(corpus / f"part-{d:02d}", documents=100, lines=2, seed=d)
+    url = build_dataset(request(tmp_path, [corpus], shard_mb=1))
+    manifest = verify_rows(url)
+    assert manifest.documents == 3000
 
 
 def test_windows_come_in_order_from_a_start_step(ray_local, tmp_path, corpus):
@@ -54,7 +70,7 @@ def test_windows_come_in_order_from_a_start_step(ray_local, tmp_path, corpus):
     manifest = load_manifest(url)
     reader = SplitReader(url, manifest, "train", 1, 2)
     all_windows = list(reader.windows())
-    assert [s for s, _ in all_windows] == list(range(manifest["splits"]["train"]["steps"]))
+    assert [s for s, _ in all_windows] == list(range(manifest.splits["train"].steps))
     later = list(reader.windows(start_step=3))
     assert later[0][0] == 3 and np.array_equal(later[0][1], all_windows[3][1])
     assert all(w.shape == (2, 9) for _, w in all_windows)
@@ -73,6 +89,7 @@ def test_rebuild_reuses_the_dataset_and_cached_documents(ray_local, tmp_path, co
 def test_manifest_is_written_last_and_shards_hold_their_rows(ray_local, tmp_path, corpus):
     url = build_dataset(request(tmp_path, [corpus]))
     manifest = json.loads(open(f"{url}/manifest.json").read())
+    assert manifest["sources"] == {"path": "sources.parquet", "count": 8}
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             assert shard["path"].startswith(split)

@@ -1,5 +1,7 @@
 """The pipeline against S3 (moto's server on 127.0.0.1): same rows as from local files."""
 import gzip
+
+from pipeline.alphabet import encode
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,10 +41,12 @@ def test_s3_sources_and_s3_dataset_match_the_local_build(ray_local, tmp_path, co
     s3_url = build_dataset(request([source], f"s3://{bucket}/datasets", moto_s3.endpoint))
     assert s3_url.startswith(f"s3://{bucket}/datasets/")
     s3_manifest, s3_rows = all_rows(s3_url, moto_s3.endpoint)
-    assert all(d["identity"].startswith("etag:") for d in s3_manifest["sources"])
-    assert [d["split"] for d in s3_manifest["sources"]] == [d["split"] for d in local_manifest["sources"]]
-    for split in ("train", "val"):
-        assert {k: v for k, v in s3_manifest["splits"][split].items()} == local_manifest["splits"][split]
+    s3_sources = s3_manifest.sources(storage(moto_s3.endpoint)).to_pylist()
+    local_sources = local_manifest.sources().to_pylist()
+    # the same bytes have the same identity (a content hash) wherever they are stored
+    assert [(d["key"], d["identity"], d["split"]) for d in s3_sources] == \
+        [(d["key"], d["identity"], d["split"]) for d in local_sources]
+    assert s3_manifest.splits == local_manifest.splits
     assert s3_rows.keys() == local_rows.keys()
     assert all(np.array_equal(s3_rows[k], local_rows[k]) for k in local_rows)
 
@@ -54,7 +58,7 @@ def test_gzip_sources_read_as_their_text(ray_local, tmp_path, corpus):
         (zipped / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))
     plain = load_manifest(build_dataset(request([str(corpus)], str(tmp_path / "a"))))
     packed = load_manifest(build_dataset(request([str(zipped)], str(tmp_path / "b"))))
-    assert [d["tokens"] for d in packed["sources"]] == [d["tokens"] for d in plain["sources"]]
+    assert [d["tokens"] for d in packed.sources().to_pylist()] == [d["tokens"] for d in plain.sources().to_pylist()]
 
 
 def test_unreachable_endpoint_is_one_clear_error(ray_local, tmp_path):
@@ -82,34 +86,59 @@ def test_missing_bucket_is_one_clear_error(ray_local, tmp_path, moto_s3):
         build_dataset(request(["s3://no-such-bucket/x"], str(tmp_path / "ds"), moto_s3.endpoint))
 
 
-def test_a_source_that_changes_or_vanishes_after_listing_is_an_error(moto_s3, bucket, tmp_path):
-    from pipeline.build import _encode_document
+def encode_listed(sources, root, storage=None):
+    """The encode task on a listing taken now: what a build does after it lists."""
+    from pipeline.cache import encode_group
     from pipeline.sources import list_documents
 
+    listing = list_documents(sources, storage)
+    return lambda: dict(zip(listing.column("url").to_pylist(),
+                            encode_group(listing, str(root), "gorner98", storage).column("error").to_pylist()))
+
+
+def test_a_source_that_changes_or_vanishes_after_listing_is_an_error(moto_s3, bucket, tmp_path):
     storage = StorageConfig(endpoint_url=moto_s3.endpoint)
     client = moto_s3.client()
-    for name in ("a.txt", "b.txt"):
+    for name in ("a.txt", "b.txt", "c.txt"):
         client.put_object(Bucket=bucket, Key=f"corpus/{name}", Body=b"To be, or not to be.\n" * 20)
-    listed = {d.key: d for d in list_documents([f"s3://{bucket}/corpus"], storage)}
+    encode = encode_listed([f"s3://{bucket}/corpus"], tmp_path / "datasets", storage)
     client.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"Another version.\n" * 20)
     client.delete_object(Bucket=bucket, Key="corpus/b.txt")
-    rows = {k: {"url": d.url, "key": k, "size": d.size, "etag": d.etag, "split": "train"} for k, d in listed.items()}
-    options = {"root": str(tmp_path / "datasets"), "alphabet": "gorner98", "storage": storage}
-    changed, vanished = _encode_document(rows["a.txt"], **options), _encode_document(rows["b.txt"], **options)
-    assert "changed after the sources were listed" in changed["error"]
-    assert "disappeared after the sources were listed" in vanished["error"]
-    assert not (tmp_path / "datasets").exists()  # nothing was cached under the stale identity
+    errors = {url.rsplit("/", 1)[-1]: e for url, e in encode().items()}
+    assert "changed after the sources were listed" in errors["a.txt"]
+    assert "disappeared after the sources were listed" in errors["b.txt"]
+    assert errors["c.txt"] is None
+    from pipeline.cache import load_index
+    index = load_index(str(tmp_path / "datasets"), "gorner98", storage).to_pylist()
+    assert [r["url"].rsplit("/", 1)[-1] for r in index] == ["c.txt"]  # nothing cached under a stale listing
 
 
 def test_a_local_source_that_changes_after_listing_is_an_error(tmp_path):
-    from pipeline.build import _encode_document
-    from pipeline.sources import list_documents
-
     path = tmp_path / "corpus" / "a.txt"
     path.parent.mkdir()
     path.write_text("To be, or not to be.\n" * 20)
-    (document,) = list_documents([str(path.parent)])
+    encode = encode_listed([str(path.parent)], tmp_path / "datasets")
     path.write_text("To be, or not to be, that is the question.\n" * 20)
-    row = {"url": document.url, "key": document.key, "size": document.size, "etag": "", "split": "train"}
-    result = _encode_document(row, root=str(tmp_path / "datasets"), alphabet="gorner98", storage=None)
-    assert "changed after the sources were listed" in result["error"]
+    (error,) = encode().values()
+    assert "changed after the sources were listed" in error
+
+
+def test_many_tiny_objects_on_s3_lay_out_as_local_files_do(ray_local, tmp_path, moto_s3, bucket):
+    from test_pipeline import verify_rows
+
+    from conftest import write_corpus
+
+    corpus = tmp_path / "many"
+    for d in range(3):  # over 1,000 keys: S3 lists them in pages
+        write_corpus(corpus / f"part-{d}", documents=400, lines=1, seed=d)
+    client = moto_s3.client()
+    for path in sorted(corpus.rglob("*.txt")):
+        client.put_object(Bucket=bucket, Key=f"many/{path.relative_to(corpus)}", Body=path.read_bytes())
+    store = storage(moto_s3.endpoint)
+    local = load_manifest(build_dataset(request([str(corpus)], str(tmp_path / "ds"))))
+    url = build_dataset(request([f"s3://{bucket}/many"], f"s3://{bucket}/datasets", moto_s3.endpoint))
+    local_by_key = {d["key"]: d["identity"] for d in local.sources().to_pylist()}
+    manifest = verify_rows(url, store, read=lambda m, split: np.concatenate([
+        encode((corpus / d["key"]).read_bytes()) for d in m.sources(store).to_pylist() if d["split"] == split]))
+    assert manifest.documents == 1200
+    assert {d["key"]: d["identity"] for d in manifest.sources(store).to_pylist()} == local_by_key

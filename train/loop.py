@@ -111,11 +111,11 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = spec.train.steps or spec.train.epochs * train_rows.steps
 
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
-    shape = model_shape(spec, manifest["alphabet"])
+    shape = model_shape(spec, manifest.alphabet)
     model = CharGRU(shape, spec.model.dropout).to(device)
     if config.get("init_from"):  # warm start (retraining): the weights only, a fresh optimiser
         init = ckpt.load_payload(config["init_from"], spec.storage)
-        ckpt.check_compatible(init, shape, manifest["alphabet"])
+        ckpt.check_compatible(init, shape, manifest.alphabet)
         model.load_state_dict(init["model"])
     optimizer, scheduler = make_optimizer(model, spec.train, total_steps, spec.cluster.use_gpu)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -135,8 +135,8 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     run_log = RunLog(run_url, spec.storage, step, saved.get("history")) if rank == 0 else None
-    meta = {"alphabet": manifest["alphabet"], "spec": dump_spec(spec),
-            "dataset": {"url": config["dataset"], "sources": manifest["sources"]}}
+    meta = {"alphabet": manifest.alphabet, "spec": dump_spec(spec),
+            "dataset": {"url": config["dataset"], "documents": manifest.documents}}
     clock = TrainClock(saved.get("metrics", {}).get("train_seconds", 0.0))
     interval, windows, last_train, started, first_step = Interval(clock), None, {}, time.perf_counter(), step
     first_loss = saved.get("metrics", {}).get("first_loss")
@@ -164,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
                 _log_progress(run_log, step, total_steps, epoch, last_train, clock.seconds())
         if rank == 0 and spec.train.sample_every and step % spec.train.sample_every == 0:
             with clock.paused():
-                run_log.sample(step, "".join(sample_text(model, manifest["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=5))))
+                run_log.sample(step, "".join(sample_text(model, manifest.alphabet, GenerateOptions(length=spec.train.sample_length, top_k=5))))
         validate = last or (spec.train.validate_every and step % spec.train.validate_every == 0)
         save = last or (spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0)
         if validate or save:
@@ -247,7 +247,7 @@ def _resume_directory(registered: ray.train.Checkpoint | None, run_url: str, sto
 
 def _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank):
     payload = ckpt.load_model_file(directory)
-    ckpt.check_compatible(payload, shape, manifest["alphabet"])
+    ckpt.check_compatible(payload, shape, manifest.alphabet)
     model.load_state_dict(payload["model"])
     saved = ckpt.load_optimizer_file(directory)
     optimizer.load_state_dict(saved["optimizer"])

@@ -86,13 +86,13 @@ def evaluate_checkpoints(urls: list[str], dataset_url: str, storage=None) -> lis
     Every rank's rows hold the same number of tokens, so the mean of the ranks' means is the
     figure ``evaluate`` gives under Ray Train."""
     manifest = load_manifest(dataset_url, storage)
-    world = manifest["workers"]
+    world = manifest.workers
     readers = [SplitReader(dataset_url, manifest, "val", rank, world, storage) for rank in range(world)]
     figures = []
     for url in urls:
         model, payload = ckpt.load_model(url, storage)
-        if payload["alphabet"] != manifest["alphabet"]:
-            raise ckpt.CheckpointError(f"{url} is a {payload['alphabet']} model; the dataset is {manifest['alphabet']}")
+        if payload["alphabet"] != manifest.alphabet:
+            raise ckpt.CheckpointError(f"{url} is a {payload['alphabet']} model; the dataset is {manifest.alphabet}")
         per_rank = [evaluate(model, reader, torch.device("cpu")) for reader in readers]
         figures.append({key: sum(f[key] for f in per_rank) / world for key in per_rank[0]})
     return figures

@@ -1,0 +1,140 @@
+"""The dataset directory's format: row shards, the sources table and ``manifest.json``.
+
+A dataset directory holds Arrow IPC shards (``SHARD_SCHEMA``: ``row`` int32, ``start`` int64,
+``tokens`` list<uint8>; each holds a run of steps of one worker's rows), ``sources.parquet``
+(one row per document: url, key, size, identity, tokens, split) and ``manifest.json``, written
+last.  Format ``charnn.rows/2`` keeps the documents in the Parquet table so that the manifest
+stays small for a million documents; ``charnn.rows/1`` manifests, which list them inline, are
+still read.  The shard layout is the same in both.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+import pyarrow.parquet as pq
+
+from pipeline.storage import join, open_atomic, open_url, write_bytes_atomic
+
+FORMAT = "charnn.rows/2"
+READABLE = ("charnn.rows/1", FORMAT)
+MANIFEST = "manifest.json"
+SOURCES = "sources.parquet"
+SHARD_SCHEMA = pa.schema([("row", pa.int32()), ("start", pa.int64()), ("tokens", pa.list_(pa.uint8()))])
+SOURCES_SCHEMA = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()),
+                            ("identity", pa.string()), ("tokens", pa.int64()), ("split", pa.string())])
+
+
+class DatasetError(RuntimeError):
+    """A dataset directory that is missing, incomplete or of another format."""
+
+
+def shard_table(rows: range, start: int, segments: list[np.ndarray]) -> pa.Table:
+    """The shard contract: one equal-length segment per row, all starting at ``start``."""
+    return pa.table(
+        {
+            "row": pa.array(rows, pa.int32()),
+            "start": pa.array([start] * len(rows), pa.int64()),
+            "tokens": pa.ListArray.from_arrays(
+                pa.array(np.arange(len(rows) + 1) * len(segments[0]), pa.int32()),
+                pa.array(np.concatenate(segments), pa.uint8()),
+            ),
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+def write_shard_file(sink, table: pa.Table) -> None:
+    with pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+        writer.write_table(table)
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # relative to the dataset directory
+    worker: int
+    rows: tuple[int, int]  # global rows [first, stop)
+    steps: tuple[int, int]  # steps [first, stop): tokens [first*T, stop*T + 1) of each row
+
+
+@dataclass(frozen=True)
+class Split:
+    rows: int  # R
+    row_length: int  # L
+    steps: int  # L / T
+    tokens: int  # codes in the split's stream
+    shards: tuple[Shard, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    alphabet: str
+    alphabet_size: int
+    seq_len: int
+    workers: int
+    split_rule: str
+    val_fraction: float
+    documents: int
+    splits: dict[str, Split]
+    format: str = FORMAT
+    url: str = field(default="", compare=False)  # where it was read from; not stored
+    inline_sources: tuple = field(default=(), compare=False, repr=False)  # charnn.rows/1 only
+
+    def to_json(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k not in ("url", "inline_sources")}
+        body["sources"] = {"path": SOURCES, "count": self.documents}
+        return json.dumps(body, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, url: str, data: bytes) -> "Manifest":
+        try:
+            body = json.loads(data)
+            if body.get("format") not in READABLE:
+                raise DatasetError(f"{url}: unknown dataset format {body.get('format')!r}; rebuild it with this version")
+            splits = {name: Split(s["rows"], s["row_length"], s["steps"], s["tokens"], tuple(
+                Shard(h["path"], h["worker"], tuple(h["rows"]), tuple(h["steps"])) for h in s["shards"]))
+                for name, s in body["splits"].items()}
+            if any("/" in h.path or h.path.startswith(".") for s in splits.values() for h in s.shards):
+                raise ValueError("a shard path leaves the dataset directory")
+            inline = tuple(body["sources"]) if isinstance(body["sources"], list) else ()
+            documents = len(inline) if inline else body["sources"]["count"]
+            return cls(body["alphabet"], body["alphabet_size"], body["seq_len"], body["workers"], body["split_rule"],
+                       body["val_fraction"], documents, splits, body["format"], url, inline)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DatasetError(f"{url}/{MANIFEST} is damaged ({type(exc).__name__}: {exc}); delete {url} "
+                               f"and run the job again to rebuild it") from None
+
+    def sources(self, storage: Any = None) -> pa.Table:
+        """The dataset's documents (``SOURCES_SCHEMA``), in stream order."""
+        if self.inline_sources:
+            return pa.Table.from_pylist([{k: d[k] for k in SOURCES_SCHEMA.names} for d in self.inline_sources],
+                                        SOURCES_SCHEMA)
+        fs, path = open_url(join(self.url, SOURCES), storage)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, schema=SOURCES_SCHEMA)
+
+
+def load_manifest(url: str, storage: Any = None) -> Manifest:
+    fs, path = open_url(join(url, MANIFEST), storage)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        raise DatasetError(f"{url} has no {MANIFEST}: not a dataset, or its build did not finish; rebuild it")
+    return Manifest.from_json(url, fs.cat_file(path))
+
+
+def write_sources(url: str, sources: pa.Table, storage: Any = None) -> None:
+    fs, path = open_url(join(url, SOURCES), storage)
+    with open_atomic(fs, path) as f:
+        # per-document values are unique: a dictionary would cost memory and save nothing
+        pq.write_table(sources.select(SOURCES_SCHEMA.names).cast(SOURCES_SCHEMA), f, row_group_size=2**16,
+                       use_dictionary=["split"])
+
+
+def write_manifest(url: str, manifest: Manifest, storage: Any = None) -> None:
+    """Written last: a dataset without its manifest does not exist for any reader."""
+    fs, path = open_url(join(url, MANIFEST), storage)
+    write_bytes_atomic(fs, path, manifest.to_json())

@@ -10,7 +10,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rep
 import argparse  # noqa: E402
 
 from jobs.runtime import main  # noqa: E402
-from jobs.spec import RunConfig, StorageConfig, expand_path  # noqa: E402
+from jobs.spec import RunConfig, StorageConfig, check_value, expand_path  # noqa: E402
 from pipeline.storage import join  # noqa: E402
 from train.registry import ModelRegistry, RegistryError  # noqa: E402
 from train.generate import GenerateOptions, stream_text  # noqa: E402
@@ -32,7 +32,8 @@ def run() -> None:
     options = GenerateOptions(args.prime, args.length, args.temperature, args.top_k, args.seed)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     url = args.checkpoint
-    if args.model:
+    if args.model is not None:  # "" too must meet the rule
+        check_value("retrain.model", args.model, "--model")  # a storage path segment, as in a spec
         registry = ModelRegistry(join(expand_path(args.storage), "models", args.model), storage)
         published = registry.published()
         if published is None:

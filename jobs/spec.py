@@ -14,6 +14,8 @@ import math
 import operator
 import os
 import re
+import reprlib
+import stat
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -21,12 +23,16 @@ from typing import Any, Optional, Sequence
 import yaml
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 class SpecError(ValueError):
     """A spec problem; the message is always a single line."""
 
     def __init__(self, message: str):
-        # Values and paths can carry newlines; log lines and CLI errors must stay one line.
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+        # Values and paths can carry newlines, NULs and terminal escapes; log lines and CLI
+        # errors must stay one printable line.
+        super().__init__(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message))
 
 
 def _f(default: Any, **rules: Any) -> Any:
@@ -38,7 +44,8 @@ def _f(default: Any, **rules: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = _f([], nonempty=True)  # URLs, dirs, globs or "corpus:NAME"
+    # URLs, dirs, globs or "corpus:NAME"; a blank one (an unset shell variable) would list the cwd
+    sources: list[str] = _f([], nonempty=True, noblank=True)
     alphabet: str = _f("gorner98", choices=("gorner98", "bytes"))
     seq_len: int = _f(30, gt=0)
     dataset_root: str = "~/.cache/charnn/datasets"
@@ -83,15 +90,19 @@ class ClusterConfig:
     resource_timeout_s: int = _f(600, ge=0)  # how long a remote (autoscaling) cluster may take to offer the workers
 
 
+# Names become storage path segments: ".", ".." and hidden names would point elsewhere.
+_NAME = {"pattern": r"[A-Za-z0-9._-]+", "not_start": "."}
+
+
 @dataclass
 class RunConfig:
-    name: str = _f("charnn", pattern=r"[A-Za-z0-9._-]+")
+    name: str = _f("charnn", **_NAME)
     storage: str = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
 
 
 @dataclass
 class RetrainConfig:
-    model: str = _f("charnn", pattern=r"[A-Za-z0-9._-]+")  # registry name: <run.storage>/models/<model>/
+    model: str = _f("charnn", **_NAME)  # registry name: <run.storage>/models/<model>/
     steps: int = _f(500, gt=0)  # fine-tuning steps from the published model
     min_improvement: float = _f(0.0, ge=0)  # nats/char the candidate must gain on validation
     lease_minutes: float = _f(30.0, gt=0)  # a writer that dies blocks others this long at most
@@ -128,8 +139,23 @@ def _fields(cls: type) -> dict[str, tuple[Any, dict]]:
     return {f.name: (hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)}
 
 
+class _BriefRepr(reprlib.Repr):
+    """repr for error messages: short however large, deep or aliased the value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 60, 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of a huge int is slow, and past 4300 digits an error.
+        return super().repr_int(x, level) if x.bit_length() <= 1000 else f"<{x.bit_length()}-bit int>"
+
+
+_brief = _BriefRepr()
+
+
 def _show(v: Any) -> str:
-    r = repr(v)
+    r = _brief.repr(v)
     return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
 
 
@@ -170,10 +196,14 @@ def _check_rules(dotted: str, v: Any, rules: dict, origin: str) -> None:
             ok, need = v in arg, f"be one of {', '.join(arg)}"
         elif rule == "pattern":
             ok, need = re.fullmatch(arg, v) is not None, f"match {arg}"
+        elif rule == "not_start":
+            ok, need = not v.startswith(arg), f"not start with {arg!r}"
+        elif rule == "noblank":
+            ok, need = all(s.strip() for s in v) == arg, "have no blank entries"
         else:  # nonempty
             ok, need = bool(v) == arg, "be non-empty"
         if not ok:
-            raise SpecError(f"{dotted} must {need}, got {v!r} (in {origin})")
+            raise SpecError(f"{dotted} must {need}, got {_brief.repr(v)} (in {origin})")
 
 
 def _unknown(origin: str, what: str, name: Any, prefix: str, valid: Sequence[str]) -> SpecError:
@@ -222,6 +252,13 @@ def spec_from_dict(d: dict, origin: str = "<dict>") -> Spec:
     return spec
 
 
+def check_value(dotted: str, value: Any, origin: str) -> Any:
+    """`value` coerced and checked as spec key `dotted` is: for a command-line flag that stands
+    for a spec key, such as jobs/generate.py --model for retrain.model."""
+    section, key = dotted.split(".")
+    return _convert_tree({section: {key: value}}, origin)[section][key]
+
+
 def spec_to_dict(spec: Spec) -> dict:
     return dataclasses.asdict(spec)
 
@@ -230,7 +267,116 @@ def dump_spec(spec: Spec) -> str:
     """The resolved spec as YAML, for the records: credentials in URLs are masked."""
     from pipeline.storage import redact
 
-    return redact(yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
+    return redact(yaml.dump(spec_to_dict(spec), Dumper=_Dumper, sort_keys=False))
+
+
+# Spec text is read with bounds, so that a few hundred hostile bytes cannot cost gigabytes, minutes
+# or a traceback: on size, on nesting (PyYAML composes recursively) and on what aliases expand to.
+_MAX_BYTES = 1 << 20  # a spec holds settings, not data
+_MAX_DEPTH = 50  # real specs nest 4 levels: the document, a section, a list, its items
+_MAX_ALIAS_NODES = 10_000  # nodes that aliases may add; a 400-byte "billion laughs" adds 10**9
+_TOO_BIG = "too large (over 1 MiB); a spec holds settings, not data"
+_TOO_MANY = f"YAML aliases expand too much (over {_MAX_ALIAS_NODES} nodes); write the values out"
+
+# YAML 1.2 numbers: 1e-3 is a float, 010 is ten and 1:30 a string (YAML 1.1 says: a string, eight
+# and ninety). Digits may be grouped with "_" as before.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_INT = re.compile(rf"[-+]?{_DIGITS}\Z|0o[0-7]+\Z|0x[0-9a-fA-F]+\Z")
+_FLOAT = re.compile(rf"[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?[0-9]+)?\Z"
+                    r"|[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z")
+
+
+class _Refused(Exception):
+    """A bound or rule of the spec reader; `mark` locates it in the text when known."""
+
+    def __init__(self, problem: str, mark: Any = None):
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (specs must never run code) with YAML 1.2 numbers, no duplicate keys and the
+    bounds above. Aliases are never expanded to measure them: each node's size, aliases
+    expanded, is summed up as the document is composed."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> its node count, aliases expanded
+        self._open: list[int] = []  # the same so far, for the nodes being composed
+        self._composed = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))  # None: its anchor is still open, the alias holds itself
+            if size is None:
+                raise _Refused(_TOO_MANY, mark)
+            self._open[-1] += size
+            return node
+        if len(self._open) == _MAX_DEPTH:
+            raise _Refused(f"nested too deeply (over {_MAX_DEPTH} levels); spec values are at most lists",
+                           mark)
+        self._open.append(1)
+        node = super().compose_node(parent, index)
+        size = self._open.pop()
+        self._composed += 1
+        if size > self._composed + _MAX_ALIAS_NODES:  # all its own nodes are composed: the rest is aliases
+            raise _Refused(_TOO_MANY, mark)
+        self._sizes[id(node)] = size
+        if self._open:
+            self._open[-1] += size
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise _Refused(f"duplicate key {_brief.repr(key.value)}; keep only one",
+                                   key.start_mark)
+                seen.add((key.tag, key.value))
+        return node
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError):
+            # Explicit tags and odd dates reach constructors that trust their input:
+            # `!!bool maybe`, `2020-13-45`, an int past Python's 4300 digits.
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise _Refused(f"cannot read {_brief.repr(node.value)} as {tag}", node.start_mark) from None
+
+    def construct_yaml_int(self, node: Any) -> int:
+        text = self.construct_scalar(node).replace("_", "")
+        return int(text, {"0o": 8, "0x": 16}.get(text[:2], 10))
+
+
+_Loader.add_constructor(_INT_TAG, _Loader.construct_yaml_int)
+_Loader.yaml_implicit_resolvers = {  # without YAML 1.1's numbers; the 1.2 ones are added below
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings that YAML 1.1 or the spec loader would read as numbers, so that a dump
+    loads back as itself with either."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+    _cls.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
+
+
+def _load(text: str) -> Any:
+    """One YAML document, read with the spec loader; raises yaml.YAMLError or _Refused."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -242,10 +388,18 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _read(path: str, missing: str) -> Any:
     try:
+        if not stat.S_ISREG(os.stat(os.path.expanduser(path)).st_mode):  # a FIFO would block open()
+            raise _Refused("not a regular file; give the path of a YAML spec file")
         with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            return yaml.safe_load(fh)  # safe_load only: specs must never run code
+            text = fh.read(_MAX_BYTES + 1)
+        if len(text) > _MAX_BYTES:
+            raise _Refused(f"spec file {_TOO_BIG}")
+        return _load(text)
     except FileNotFoundError:
         raise SpecError(missing) from None
+    except _Refused as e:
+        where = f"{path}:{e.mark.line + 1}" if e.mark else path
+        raise SpecError(f"{where}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise SpecError(f"{path}:{line}: invalid YAML: {e.problem or e.context}") from None
@@ -253,8 +407,11 @@ def _read(path: str, missing: str) -> Any:
         raise SpecError(f"{path}: cannot read spec file: {e}") from None
 
 
-def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str) -> dict:
-    """Merge a file over its parents; `chain` holds (realpath, shown path) of the files above."""
+def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str, done: dict[str, dict]) -> dict:
+    """Merge a file over its parents; `chain` holds (realpath, shown path) of the files above,
+    `done` the merged trees of files already read."""
+    if "\0" in path:  # no OS call takes it
+        raise SpecError(f"{path}: cannot read spec file: the path holds a NUL character")
     real = os.path.realpath(os.path.expanduser(path))
     reals = [r for r, _ in chain]
     if real in reals:
@@ -262,6 +419,8 @@ def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str) -> dic
         loop = [shown for _, shown in chain[reals.index(real):]] + [path]
         names = " -> ".join(os.path.relpath(p, os.path.dirname(start) or ".") for p in loop)
         raise SpecError(f"{start}: extend cycle {names}")
+    if real in done:  # read each file once, however often it is extended: no fan-out blow-up
+        return done[real]
     raw = _read(path, missing)
     if raw is None:  # an empty or comment-only file
         raw = {}
@@ -277,20 +436,29 @@ def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str) -> dic
     for parent in parents:  # later parents win
         ppath = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(parent)))
         merged = _merge(merged, _resolve(ppath, chain + ((real, path),),
-                                         f"{path}: extends missing file '{parent}'"))
-    return _merge(merged, _convert_tree(own, path))
+                                         f"{path}: extends missing file '{parent}'", done))
+    done[real] = _merge(merged, _convert_tree(own, path))
+    return done[real]
+
+
+def _set_origin(text: str) -> str:
+    return f"--set {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
-    origin = f"--set {text}"
+    origin = _set_origin(text)
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
         raise SpecError(f"{origin}: expected dotted.key=value")
     if not raw.strip():
         return parts, ""  # `--set run.name=` means empty string, not null
+    if len(raw) > _MAX_BYTES:
+        raise SpecError(f"{origin}: value {_TOO_BIG}")
     try:
-        return parts, yaml.safe_load(raw)
+        return parts, _load(raw)  # the spec files' loader: same numbers, same bounds
+    except _Refused as e:
+        raise SpecError(f"{origin}: {e.problem}") from None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or e
         raise SpecError(f"{origin}: value is not valid YAML ({problem}); quote it") from None
@@ -298,12 +466,12 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
     """Load a spec file, resolve `extend`, apply `dotted.key=value` overrides in order, validate."""
-    tree = _resolve(path, (), f"spec file not found: {path}")
+    tree = _resolve(path, (), f"spec file not found: {path}", {})
     for text in overrides:
         parts, value = _parse_override(text)
         for part in reversed(parts):
             value = {part: value}
-        tree = _merge(tree, _convert_tree(value, f"--set {text}"))
+        tree = _merge(tree, _convert_tree(value, _set_origin(text)))
     return spec_from_dict(tree, origin=path)
 
 

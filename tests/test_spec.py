@@ -1,8 +1,12 @@
 """Tests for jobs.spec: real YAML files in tmp_path, no mocks, no Ray."""
 import argparse
+import ast
 import dataclasses
 import glob
 import os
+import resource
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -285,17 +289,20 @@ def test_unsafe_yaml_tag_is_rejected_not_executed(tmp_path):
 
 @pytest.mark.parametrize("extra, expect", [
     ("train: {batch_per_worker: 0}", "train.batch_per_worker must be > 0, got 0"),
-    ("data: {alphabet: foo}", "data.alphabet must be one of gorner98, bytes, got 'foo'"),
+    ("data: {sources: [a], alphabet: foo}", "data.alphabet must be one of gorner98, bytes, got 'foo'"),
     ("model: {dropout: 1.0}", "model.dropout must be < 1, got 1.0"),
     ("model: {dropout: -0.1}", "model.dropout must be >= 0, got -0.1"),
-    ("data: {val_fraction: 0}", "data.val_fraction must be > 0, got 0.0"),
+    ("data: {sources: [a], val_fraction: 0}", "data.val_fraction must be > 0, got 0.0"),
     ("train: {schedule: linear}", "train.schedule must be one of constant, cosine, step"),
     ("train: {min_lr_ratio: 1.5}", "train.min_lr_ratio must be <= 1, got 1.5"),
     ("run: {name: 'my run'}", "run.name must match [A-Za-z0-9._-]+, got 'my run'"),
     ("run: {name: ''}", "run.name must match [A-Za-z0-9._-]+"),
 ])
 def test_constraint_violations(tmp_path, extra, expect):
-    msg = error_of(load_spec, minimal(tmp_path, extra + "\n"))
+    # A second `data:` key would be a duplicate key, so data's cases bring their own sources.
+    path = (write(tmp_path, "x.yaml", extra + "\n") if extra.startswith("data:")
+            else minimal(tmp_path, extra + "\n"))
+    msg = error_of(load_spec, path)
     assert expect in msg and "x.yaml" in msg
 
 
@@ -312,6 +319,239 @@ def test_sources_must_be_non_empty(tmp_path):
 def test_newlines_in_values_stay_on_one_line(tmp_path):
     error_of(load_spec, minimal(tmp_path), ["run.name=\"a\\nb\""])
     error_of(spec_from_dict, {"train": {"x\ny": 1}})
+
+
+# --- hostile and odd input: one line, quickly, never a traceback or a hang -----------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def isolated(code, timeout=30):
+    """Run `code` in a child Python with 1 GiB of address space and a time limit, so that a spec
+    which blows up fails its test instead of taking the test run (or the machine) with it."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def isolated_error(call, timeout=30):
+    """The SpecError message of `call` (Python source using jobs.spec), run in isolation."""
+    return ast.literal_eval(isolated("from jobs.spec import *\ntry:\n    " + call + "\nexcept SpecError as e:\n"
+                    "    print(repr(str(e)))\nelse:\n    print(repr('no error'))", timeout))
+
+
+def alias_bomb(levels=9):
+    """Flow YAML of `levels` lists, each holding ten aliases of the one before: 10**levels leaves
+    in about 40 bytes a level."""
+    items = ["&l0 [x, x, x, x, x, x, x, x, x, x]"]
+    items += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("call", [
+    "load_spec({path!r})",
+    "load_spec({clean!r}, ['data.sources=' + {bomb!r}])",
+])
+def test_yaml_alias_bomb_is_refused(tmp_path, call):
+    bomb = alias_bomb()
+    path = write(tmp_path, "x.yaml", f"data:\n  sources: {bomb}\n")
+    clean = minimal(tmp_path, name="clean.yaml")
+    msg = isolated_error(call.format(path=path, clean=clean, bomb=bomb))
+    assert "YAML aliases expand too much" in msg and "write the values out" in msg, msg
+    assert msg.startswith((f"{path}:2: ", "--set data.sources=[&l0")) and len(msg) < 300, msg
+
+
+def test_small_aliases_still_work(tmp_path):
+    path = minimal(tmp_path, "run: {name: &n exp1}\nretrain: {model: *n}\n")
+    assert load_spec(path).retrain.model == "exp1"
+    assert load_spec(minimal(tmp_path), ["data.sources=[&a x, *a]"]).data.sources == ["x", "x"]
+
+
+def test_error_message_of_a_huge_shared_value_is_bounded():
+    # A Python tree (spec_from_dict: checkpoints, tests) can share sub-lists just like aliases.
+    msg = isolated_error("x = ['x'] * 10\n    for _ in range(8): x = [x] * 10\n"
+                         "    spec_from_dict({'data': {'sources': x}})")
+    assert msg.startswith("<dict>: data.sources must be a str or a list of str, got list [[")
+    assert len(msg) < 200, msg
+
+
+def nested(depth, leaf="a"):
+    return "[" * depth + leaf + "]" * depth
+
+
+@pytest.mark.parametrize("how", ["file", "set", "set-key", "dict"])
+def test_deep_nesting_is_one_line(tmp_path, how):
+    if how == "file":
+        path = write(tmp_path, "x.yaml", f"data:\n  sources: {nested(5000)}\n")
+        msg = error_of(load_spec, path)
+        assert msg.startswith(f"{path}:2: nested too deeply (over 50 levels)"), msg
+    elif how == "set":
+        msg = error_of(load_spec, minimal(tmp_path), ["data.sources=" + nested(5000)])
+        assert msg.startswith("--set data.sources=[[[") and "nested too deeply (over 50 levels)" in msg
+    elif how == "set-key":
+        msg = error_of(load_spec, minimal(tmp_path), ["data.sources" + ".a" * 5000 + "=1"])
+        assert "data.sources must be a str or a list of str, got dict {'a': {" in msg
+    else:
+        tree = "a"
+        for _ in range(5000):
+            tree = [tree]
+        msg = error_of(spec_from_dict, {"data": {"sources": tree}})
+        assert msg.startswith("<dict>: data.sources must be a str or a list of str, got list [[")
+    assert len(msg) < 300, msg
+
+
+@pytest.mark.parametrize("depth, ok", [(47, True), (48, False)])
+def test_nesting_limit_boundary(tmp_path, depth, ok):
+    # Levels: the top mapping, `data`'s mapping, `sources`' lists, the leaf: 50 at most.
+    path = write(tmp_path, "x.yaml", f"data: {{sources: {nested(depth)}}}\n")
+    msg = error_of(load_spec, path)
+    assert ("nested too deeply" not in msg) == ok, msg
+
+
+def test_spec_file_size_is_limited(tmp_path):
+    path = minimal(tmp_path, "#" * (1 << 20) + "\n")
+    assert error_of(load_spec, path) == (f"{path}: spec file too large (over 1 MiB); "
+                                         "a spec holds settings, not data")
+
+
+def test_override_size_is_limited(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path), ["run.name=" + "a" * ((1 << 20) + 1)])
+    assert msg.startswith("--set run.name=aaa") and msg.endswith(
+        "...: value too large (over 1 MiB); a spec holds settings, not data")
+    assert len(msg) < 200
+
+
+@pytest.mark.parametrize("override, key, expect", [
+    ("train.lr=1e-3", "lr", 0.001), ("train.lr=1E5", "lr", 1e5), ("train.lr=.5", "lr", 0.5),
+    ("train.lr=+2.5e-1", "lr", 0.25), ("train.lr=5.", "lr", 5.0), ("train.lr=1_000.5", "lr", 1000.5),
+    ("train.steps=010", "steps", 10), ("train.steps=1_000", "steps", 1000),
+    ("train.steps=0x10", "steps", 16), ("train.steps=0o17", "steps", 15), ("train.seed=-7", "seed", -7),
+])
+def test_yaml_1_2_numbers(tmp_path, override, key, expect):
+    value = getattr(load_spec(minimal(tmp_path), [override]).train, key)
+    assert value == expect and type(value) is type(expect)
+    text = override.split("=", 1)[1]
+    spec = load_spec(minimal(tmp_path, f"train:\n  {key}: {text}\n"))
+    assert getattr(spec.train, key) == expect
+
+
+@pytest.mark.parametrize("text, got", [("1:30", "str '1:30'"), ("0b11", "str '0b11'"),
+                                       ("1e400", "float inf")])
+def test_no_yaml_1_1_sexagesimal_or_binary_ints(tmp_path, text, got):
+    msg = error_of(load_spec, minimal(tmp_path), [f"train.steps={text}"])
+    assert msg == f"--set train.steps={text}: train.steps must be an int, got {got}"
+
+
+def test_number_like_strings_survive_dump_and_load(tmp_path):
+    spec = load_spec(minimal(tmp_path), ["run.name='1e3'", "run.storage='010'", "data.sources=['.5']"])
+    assert (spec.run.name, spec.run.storage, spec.data.sources) == ("1e3", "010", [".5"])
+    assert load_spec(write(tmp_path, "dumped.yaml", dump_spec(spec))) == spec
+    assert spec_from_dict(yaml.safe_load(dump_spec(spec))) == spec
+
+
+@pytest.mark.parametrize("text, where, key", [
+    ("data: {sources: [a]}\ntrain:\n  lr: 0.1\n  steps: 2\n  lr: 0.2\n", ":5: ", "lr"),
+    ("data: {sources: [a]}\ntrain: {}\ntrain: {}\n", ":3: ", "train"),
+    ("data: {sources: [a]}\nextend: a.yaml\nextend: b.yaml\n", ":3: ", "extend"),
+])
+def test_duplicate_keys_are_refused(tmp_path, text, where, key):
+    path = write(tmp_path, "x.yaml", text)
+    assert error_of(load_spec, path) == f"{path}{where}duplicate key '{key}'; keep only one"
+
+
+def test_duplicate_key_in_override(tmp_path):
+    msg = error_of(load_spec, minimal(tmp_path), ["train={lr: 1, lr: 2}"])
+    assert msg == "--set train={lr: 1, lr: 2}: duplicate key 'lr'; keep only one"
+
+
+def test_merge_key_override_is_not_a_duplicate(tmp_path):
+    spec = load_spec(minimal(tmp_path, "train: {<<: {steps: 5, lr: 0.1}, steps: 7}\n"))
+    assert (spec.train.steps, spec.train.lr) == (7, 0.1)
+
+
+@pytest.mark.parametrize("where", ["spec", "extend"])
+def test_fifo_is_refused_not_waited_on(tmp_path, where):
+    fifo = str(tmp_path / "p.yaml")
+    os.mkfifo(fifo)
+    path = fifo if where == "spec" else write(tmp_path, "x.yaml", "extend: p.yaml\n")
+    msg = isolated_error(f"load_spec({path!r})", timeout=20)
+    assert msg == f"{fifo}: not a regular file; give the path of a YAML spec file"
+
+
+def test_directory_is_refused(tmp_path):
+    (tmp_path / "d.yaml").mkdir()
+    path = str(tmp_path / "d.yaml")
+    assert error_of(load_spec, path) == f"{path}: not a regular file; give the path of a YAML spec file"
+
+
+def test_nul_in_extend_path(tmp_path):
+    path = write(tmp_path, "x.yaml", 'extend: "a\\0b"\n')
+    msg = error_of(load_spec, path)
+    assert msg.startswith(f"{tmp_path}/a\\x00b: cannot read spec file"), msg
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("1" * 5000, "cannot read '1111"), ("!!int abc", "cannot read 'abc' as !!int"),
+    ("!!bool maybe", "cannot read 'maybe' as !!bool"),
+    ("2020-13-45", "cannot read '2020-13-45' as !!timestamp"),
+])
+def test_unreadable_scalars(tmp_path, value, problem):
+    path = minimal(tmp_path, f"train:\n  steps: {value}\n")
+    msg = error_of(load_spec, path)
+    assert msg.startswith(f"{path}:4: {problem}") and len(msg) < 300, msg
+    msg = error_of(load_spec, minimal(tmp_path), [f"train.steps={value}"])
+    assert msg.startswith(f"--set train.steps=") and problem in msg and len(msg) < 300, msg
+
+
+def test_huge_python_int_in_error_message():
+    msg = error_of(spec_from_dict, {"train": {"lr": 10 ** 5000}})
+    assert msg == "<dict>: train.lr must be a float (finite), got int <16610-bit int>"
+
+
+def test_extend_fan_out_reads_each_file_once(tmp_path):
+    # Each file extends the next one 1000 times: a million reads of the last if none were shared.
+    write(tmp_path, "c.yaml", "data: {sources: [c]}\n")
+    write(tmp_path, "b.yaml", "extend: [" + ", ".join(["c.yaml"] * 1000) + "]\n")
+    path = write(tmp_path, "a.yaml", "extend: [" + ", ".join(["b.yaml"] * 1000) + "]\n")
+    code = f"from jobs.spec import load_spec\nprint(load_spec({path!r}).data.sources)"
+    assert isolated(code) == "['c']"
+
+
+@pytest.mark.parametrize("override", ["data.sources=", "data.sources=['']", "data.sources=[a, ' ']",
+                                      "data.sources=\"\\t\""])
+def test_blank_sources_are_refused(tmp_path, override):
+    # An empty source would list the current directory: an unset $CORPUS must not train on it.
+    msg = error_of(load_spec, minimal(tmp_path), [override])
+    assert msg.startswith("data.sources must have no blank entries, got [") and override in msg
+
+
+def test_blank_source_in_file(tmp_path):
+    path = write(tmp_path, "x.yaml", "data: {sources: [a, '']}\n")
+    assert error_of(load_spec, path) == f"data.sources must have no blank entries, got ['a', ''] (in {path})"
+
+
+@pytest.mark.parametrize("key", ["run.name", "retrain.model"])
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "'..'"])
+def test_names_that_are_not_path_segments(tmp_path, key, name):
+    msg = error_of(load_spec, minimal(tmp_path), [f"{key}={name}"])
+    assert msg.startswith(f"{key} must not start with '.', got '{name.strip(chr(39))}'"), msg
+
+
+@pytest.mark.parametrize("name", ["a.b", "a..b", "v1.", "-x", "_"])
+def test_names_with_inner_dots_are_fine(tmp_path, name):
+    spec = load_spec(minimal(tmp_path), [f"run.name={name}", f"retrain.model={name}"])
+    assert spec.run.name == spec.retrain.model == name
+
+
+def test_generate_refuses_dot_model_names(tmp_path):
+    command = [sys.executable, "jobs/generate.py", "--model", "..", "--storage", str(tmp_path)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == \
+        "charnn: error: retrain.model must not start with '.', got '..' (in --model)"
 
 
 # --- dict round trip and dumping ------------------------------------------------------------

@@ -13,7 +13,11 @@ DASHBOARD=http://127.0.0.1:8265
 
 case "${1:-}" in
   start)
-    ray get-auth-token --generate >/dev/null  # ~/.ray/auth_token: made once, kept after
+    # ~/.ray/auth_token: made once, kept after.  Ray writes it with the umask and no chmod (0644 in
+    # a 0755 ~/.ray on most hosts), and whoever reads it can submit jobs as you: keep both private,
+    # a token made before this script did included.
+    (umask 077 && ray get-auth-token --generate >/dev/null)
+    if [[ -f "$HOME/.ray/auth_token" ]]; then chmod 700 "$HOME/.ray" && chmod 600 "$HOME/.ray/auth_token"; fi
     ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
       --num-cpus "${NUM_CPUS:-$(nproc)}" --disable-usage-stats ;;
   submit)

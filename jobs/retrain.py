@@ -35,7 +35,7 @@ from train.checkpoint import check_compatible, load_payload  # noqa: E402
 from train.loop import model_shape, say  # noqa: E402
 from train.registry import SOURCES_FILE, Lease, ModelRegistry, Version  # noqa: E402
 from train.step import evaluate_checkpoints  # noqa: E402
-from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: E402
+from train.trainer import fit  # noqa: E402
 
 
 def changed_documents(current: dict[str, str | None], published: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -79,10 +79,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
 
     dataset = build_dataset(DatasetRequest.from_spec(spec))
     candidate = candidate_spec(spec, registry, warm=incumbent is not None)
-    fit = make_trainer(candidate, dataset, init_from=incumbent.url if incumbent else None).fit()
-    if fit.error is not None:
-        raise training_error(fit.error)
-    candidate_url = checkpoint_url(candidate.run.storage, fit.checkpoint)
+    candidate_url = fit(candidate, dataset, init_from=incumbent.url if incumbent else None)
 
     evaluate = ray.remote(num_cpus=spec.cluster.cpus_per_worker)(evaluate_checkpoints)
     urls = [candidate_url] + ([incumbent.url] if incumbent else [])

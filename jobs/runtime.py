@@ -55,8 +55,26 @@ def init_ray() -> bool:
         ray.init(address="local", log_to_driver=True)  # dashboard on 127.0.0.1: Ray Train needs its state API
     else:
         ray.init(log_to_driver=True)
+    protect_token()
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return embedded
+
+
+def protect_token() -> None:
+    """Ray writes its auth token (~/.ray/auth_token, made by the first local ``ray.init``) with the
+    umask and no chmod: 0644 in a 0755 ~/.ray, so any local user could submit jobs as this one.
+    Make ~/.ray 0700 and the token 0600 (and RAY_AUTH_TOKEN_PATH's file, if set), where they exist
+    and are this user's to change."""
+    import contextlib
+    from pathlib import Path
+
+    home = Path.home() / ".ray"
+    for path, mode in ((home, 0o700), (home / "auth_token", 0o600),
+                       *(((Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser(), 0o600),)
+                         if os.environ.get("RAY_AUTH_TOKEN_PATH") else ())):
+        with contextlib.suppress(OSError):  # absent, or not ours (a mounted Secret): left as it is
+            if path.exists() and (path.stat().st_mode & 0o777) != mode:
+                path.chmod(mode)
 
 
 def require_workers(cluster, embedded: bool) -> None:

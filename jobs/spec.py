@@ -27,12 +27,14 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class SpecError(ValueError):
-    """A spec problem; the message is always a single line."""
+    """A spec problem; the message is always a single line, with credentials masked."""
 
     def __init__(self, message: str):
+        from pipeline.storage import redact
+
         # Values and paths can carry newlines, NULs and terminal escapes; log lines and CLI
         # errors must stay one printable line.
-        super().__init__(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message))
+        super().__init__(redact(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message)))
 
 
 def _f(default: Any, **rules: Any) -> Any:
@@ -48,7 +50,7 @@ class DataConfig:
     sources: list[str] = _f([], nonempty=True, noblank=True)
     alphabet: str = _f("gorner98", choices=("gorner98", "bytes"))
     seq_len: int = _f(30, gt=0)
-    dataset_root: str = "~/.cache/charnn/datasets"
+    dataset_root: str = _f("~/.cache/charnn/datasets", nocredentials=True)  # workers get it: see _check_rules
     val_fraction: float = _f(0.1, gt=0, lt=1)
     shard_mb: int = _f(64, gt=0)
 
@@ -97,7 +99,10 @@ _NAME = {"pattern": r"[A-Za-z0-9._-]+", "not_start": "."}
 @dataclass
 class RunConfig:
     name: str = _f("charnn", **_NAME)
-    storage: str = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
+    storage: str = _f("~/charnn/runs", nocredentials=True)  # root URL or path for runs, checkpoints, models
+    # A run resumes only on the same data and training settings ("check"); "force" resumes
+    # anyway, keeping the checkpoint's optimiser, schedule and position in the data.
+    resume: str = _f("check", choices=("check", "force"))
 
 
 @dataclass
@@ -110,7 +115,7 @@ class RetrainConfig:
 
 @dataclass
 class StorageConfig:
-    endpoint_url: Optional[str] = None  # S3-compatible endpoint override (MinIO, moto)
+    endpoint_url: Optional[str] = _f(None, nocredentials=True)  # S3-compatible endpoint override (MinIO, moto)
     region: Optional[str] = None
     anon: bool = False
     max_attempts: int = _f(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
@@ -154,8 +159,20 @@ class _BriefRepr(reprlib.Repr):
 _brief = _BriefRepr()
 
 
+def _masked(v: Any) -> Any:
+    """A value for an error message: credentials masked before repr cuts it short (a URL cut
+    inside its password would no longer be recognisable as one)."""
+    from pipeline.storage import redact
+
+    if isinstance(v, str):
+        return redact(v)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return [redact(x) for x in v]
+    return v
+
+
 def _show(v: Any) -> str:
-    r = _brief.repr(v)
+    r = _brief.repr(_masked(v))
     return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
 
 
@@ -200,10 +217,16 @@ def _check_rules(dotted: str, v: Any, rules: dict, origin: str) -> None:
             ok, need = not v.startswith(arg), f"not start with {arg!r}"
         elif rule == "noblank":
             ok, need = all(s.strip() for s in v) == arg, "have no blank entries"
+        elif rule == "nocredentials":  # Ray records what its workers receive (train_loop_config)
+            from pipeline.storage import redact
+
+            ok = v is None or (redact(v) == v) == arg
+            need = ("not carry credentials (Ray's workers receive this value; give credentials through the "
+                    "environment, see README \"Security\")")
         else:  # nonempty
             ok, need = bool(v) == arg, "be non-empty"
         if not ok:
-            raise SpecError(f"{dotted} must {need}, got {_brief.repr(v)} (in {origin})")
+            raise SpecError(f"{dotted} must {need}, got {_brief.repr(_masked(v))} (in {origin})")
 
 
 def _unknown(origin: str, what: str, name: Any, prefix: str, valid: Sequence[str]) -> SpecError:
@@ -212,8 +235,57 @@ def _unknown(origin: str, what: str, name: Any, prefix: str, valid: Sequence[str
     return SpecError(f"{origin}: unknown {what} '{prefix}{name}' ({hint})")
 
 
-def _convert_tree(d: Any, origin: str) -> dict[str, dict[str, Any]]:
-    """Type-check and coerce a partial {section: {key: value}} tree; absent keys stay absent."""
+# ${NAME} in a spec's string values is the environment variable NAME, so that a secret need not be
+# typed on a command line (which `ray job submit` logs and `ps` shows): $$ is a literal $, and any
+# other $ stands for itself.  Expanded once, where a spec is read (files, --set); spec_from_dict,
+# which rebuilds a spec that was read already (Ray's workers), leaves values as they are.
+_ENV_REFERENCE = re.compile(r"\$(\$|\{(?:[A-Za-z_][A-Za-z0-9_]*\})?)")
+_STRING_HINTS = (str, Optional[str], list[str])
+
+
+def _expand_env(value: str, dotted: str, origin: str) -> str:
+    def substitute(m: "re.Match[str]") -> str:
+        ref = m.group(1)
+        if ref == "$":
+            return "$"
+        if ref == "{":
+            bad = value[m.start():m.start() + 24]
+            raise SpecError(f"{origin}: {dotted} holds {bad!r}, not a ${{NAME}} reference; write ${{NAME}} "
+                            f"(NAME: letters, digits and _, not starting with a digit) or $$ for a literal $")
+        name = ref[1:-1]
+        if name not in os.environ:
+            raise SpecError(f"{origin}: {dotted} names environment variable {name}, which is not set; "
+                            f"export it (or write $$ for a literal $)")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+# YAML's flow collections take braces as syntax: [https://u:${TOKEN}@host/x] would not parse.
+# References are hidden from the YAML reader behind two private-use characters and put back after.
+_HIDE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def _load_hiding_references(text: str) -> Any:
+    if _OPEN in text or _CLOSE in text or "${" not in text:
+        return _load(text)
+    return _unhide(_load(_HIDE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text)))
+
+
+def _unhide(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.replace(_OPEN, "{").replace(_CLOSE, "}")
+    if isinstance(v, list):
+        return [_unhide(x) for x in v]
+    if isinstance(v, dict):
+        return {_unhide(k): _unhide(x) for k, x in v.items()}
+    return v
+
+
+def _convert_tree(d: Any, origin: str, expand: bool = False) -> dict[str, dict[str, Any]]:
+    """Type-check and coerce a partial {section: {key: value}} tree; absent keys stay absent.
+    ``expand``: string values' ${NAME} references are replaced by the environment's values."""
     if not isinstance(d, dict):
         raise SpecError(f"{origin}: top level must be a mapping of sections, got {_show(d)}")
     out: dict[str, dict[str, Any]] = {}
@@ -236,6 +308,10 @@ def _convert_tree(d: Any, origin: str) -> dict[str, dict[str, Any]]:
                 if hint is float and type(v) in (int, float):  # inf, nan, or an int too big
                     need += " (finite)"
                 raise SpecError(f"{origin}: {section}.{key} must be {need}, got {_show(v)}")
+            if expand and hint in _STRING_HINTS and value is not None:
+                dotted = f"{section}.{key}"
+                value = ([_expand_env(x, dotted, origin) for x in value] if isinstance(value, list)
+                         else _expand_env(value, dotted, origin))
             _check_rules(f"{section}.{key}", value, rules, origin)
             conv[key] = value
     return out
@@ -263,11 +339,32 @@ def spec_to_dict(spec: Spec) -> dict:
     return dataclasses.asdict(spec)
 
 
-def dump_spec(spec: Spec) -> str:
-    """The resolved spec as YAML, for the records: credentials in URLs are masked."""
+def _map_strings(d: Any, fn: Any) -> Any:
+    if isinstance(d, str):
+        return fn(d)
+    if isinstance(d, list):
+        return [_map_strings(x, fn) for x in d]
+    if isinstance(d, dict):
+        return {k: _map_strings(v, fn) for k, v in d.items()}
+    return d
+
+
+def redacted_dict(spec: Spec) -> dict:
+    """``spec_to_dict`` with the credentials in its values masked: what may leave the driver
+    (Ray records train_loop_config and serves it on its dashboard).  It is still a valid spec, and
+    its dump is the spec's own; workers never need data.sources, the only key that may hold any."""
     from pipeline.storage import redact
 
-    return redact(yaml.dump(spec_to_dict(spec), Dumper=_Dumper, sort_keys=False))
+    return _map_strings(spec_to_dict(spec), redact)
+
+
+def dump_spec(spec: Spec) -> str:
+    """The resolved spec as YAML, for the records: credentials masked, each `$` written `$$` so that
+    load_spec reads the file back as the spec that ran."""
+    from pipeline.storage import redact
+
+    tree = _map_strings(redacted_dict(spec), lambda v: v.replace("$", "$$"))
+    return redact(yaml.dump(tree, Dumper=_Dumper, sort_keys=False))
 
 
 # Spec text is read with bounds, so that a few hundred hostile bytes cannot cost gigabytes, minutes
@@ -394,12 +491,12 @@ def _read(path: str, missing: str) -> Any:
             text = fh.read(_MAX_BYTES + 1)
         if len(text) > _MAX_BYTES:
             raise _Refused(f"spec file {_TOO_BIG}")
-        return _load(text)
+        return _load_hiding_references(text)
     except FileNotFoundError:
         raise SpecError(missing) from None
     except _Refused as e:
         where = f"{path}:{e.mark.line + 1}" if e.mark else path
-        raise SpecError(f"{where}: {e.problem}") from None
+        raise SpecError(f"{where}: {_unhide(e.problem)}") from None
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise SpecError(f"{path}:{line}: invalid YAML: {e.problem or e.context}") from None
@@ -437,11 +534,14 @@ def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str, done: 
         ppath = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(parent)))
         merged = _merge(merged, _resolve(ppath, chain + ((real, path),),
                                          f"{path}: extends missing file '{parent}'", done))
-    done[real] = _merge(merged, _convert_tree(own, path))
+    done[real] = _merge(merged, _convert_tree(own, path, expand=True))
     return done[real]
 
 
 def _set_origin(text: str) -> str:
+    from pipeline.storage import redact
+
+    text = redact(text)  # before it is cut short, which could leave half a password unrecognisable
     return f"--set {text if len(text) <= 80 else text[:77] + '...'}"
 
 
@@ -456,9 +556,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if len(raw) > _MAX_BYTES:
         raise SpecError(f"{origin}: value {_TOO_BIG}")
     try:
-        return parts, _load(raw)  # the spec files' loader: same numbers, same bounds
+        return parts, _load_hiding_references(raw)  # the spec files' loader: same numbers, same bounds
     except _Refused as e:
-        raise SpecError(f"{origin}: {e.problem}") from None
+        raise SpecError(f"{origin}: {_unhide(e.problem)}") from None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or e
         raise SpecError(f"{origin}: value is not valid YAML ({problem}); quote it") from None
@@ -471,7 +571,7 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
         parts, value = _parse_override(text)
         for part in reversed(parts):
             value = {part: value}
-        tree = _merge(tree, _convert_tree(value, _set_origin(text)))
+        tree = _merge(tree, _convert_tree(value, _set_origin(text), expand=True))
     return spec_from_dict(tree, origin=path)
 
 

@@ -14,30 +14,35 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rep
 from jobs.runtime import init_ray, job_spec, main, require_workers  # noqa: E402
 from jobs.spec import dump_spec  # noqa: E402
 from pipeline.build import DatasetRequest, build_dataset  # noqa: E402
-from pipeline.storage import join, open_url, write_bytes_atomic  # noqa: E402
+from pipeline.reader import load_manifest  # noqa: E402
+from pipeline.storage import StorageError, describe_error, join, open_url, write_bytes_atomic  # noqa: E402
 from train.generate import GenerateOptions, sample_text  # noqa: E402
 from train.checkpoint import check_compatible, latest_checkpoint, load_model, load_payload  # noqa: E402
 from train.loop import model_shape  # noqa: E402
-from train.trainer import checkpoint_url, make_trainer, training_error  # noqa: E402
+from train.trainer import check_resume, fit  # noqa: E402
 
 
 def run() -> dict:
     spec = job_spec(__doc__)
     run_url = join(spec.run.storage, spec.run.name)
     resume_from = latest_checkpoint(run_url, spec.storage)
-    if resume_from:  # fail before any work if the run's checkpoints are of another model
-        check_compatible(load_payload(resume_from, spec.storage), model_shape(spec, spec.data.alphabet), spec.data.alphabet)
+    saved = load_payload(resume_from, spec.storage) if resume_from else None
+    if saved:  # fail before any work if the run's checkpoints are of another model or other settings
+        check_compatible(saved, model_shape(spec, spec.data.alphabet), spec.data.alphabet)
+        check_resume(spec, saved)
     require_workers(spec.cluster, init_ray())
     dataset = build_dataset(DatasetRequest.from_spec(spec))
-    fs, path = open_url(join(run_url, "spec.yaml"), spec.storage)
-    write_bytes_atomic(fs, path, dump_spec(spec).encode())
+    if saved:
+        check_resume(spec, saved, load_manifest(dataset, spec.storage))
+    try:
+        fs, path = open_url(join(run_url, "spec.yaml"), spec.storage)
+        write_bytes_atomic(fs, path, dump_spec(spec).encode())
+    except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
+        raise StorageError(f"cannot write the run's spec {describe_error(run_url, exc)}") from None
 
-    result = make_trainer(spec, dataset).fit()
-    if result.error is not None:
-        raise training_error(result.error)
-    metrics = result.metrics
-    checkpoint = checkpoint_url(spec.run.storage, result.checkpoint)
+    checkpoint = fit(spec, dataset)
     model, payload = load_model(checkpoint, spec.storage)
+    metrics = payload["metrics"]
     sample = "".join(sample_text(model, payload["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=2)))
     print(f"charnn: val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.3f} "
           f"val_bpc {metrics['val_bpc']:.3f}\ncharnn: sample:\n{sample}", flush=True)

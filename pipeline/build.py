@@ -9,6 +9,7 @@ written last, so a dataset directory without it does not exist for any reader.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,8 +24,8 @@ import pyarrow.compute as pc
 
 from pipeline.alphabet import alphabet_size
 from pipeline.cache import FIGURES, RESULT, cache_url, encode_group, load_index, lookup
-from pipeline.dataset import FORMAT, Manifest, Shard, Split, shard_table, write_manifest, write_shard_file, \
-    write_sources
+from pipeline.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
+                              write_shard_file, write_sources)
 from pipeline.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from pipeline.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array
 from pipeline.storage import describe_error, join, open_atomic, open_url, redact, redact_urls
@@ -211,8 +212,9 @@ def write_dataset(request: DatasetRequest, documents: pa.Table) -> tuple[str, di
     splits = _write_shards(request, streams, layouts, url)
     sources = documents.set_column(documents.schema.get_field_index("url"), "url", redact_urls(documents.column("url")))
     write_sources(url, sources, request.storage)
-    write_manifest(url, Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
-                                 SPLIT_RULE, request.val_fraction, documents.num_rows, splits), request.storage)
+    manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
+                        SPLIT_RULE, request.val_fraction, documents.num_rows, splits)
+    write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.storage)
     return url, splits
 
 

@@ -9,6 +9,8 @@ still read.  The shard layout is the same in both.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -80,6 +82,7 @@ class Manifest:
     val_fraction: float
     documents: int
     splits: dict[str, Split]
+    stream: str = ""  # what a run resumes on: see ``stream_digest``
     format: str = FORMAT
     url: str = field(default="", compare=False)  # where it was read from; not stored
     inline_sources: tuple = field(default=(), compare=False, repr=False)  # charnn.rows/1 only
@@ -102,8 +105,12 @@ class Manifest:
                 raise ValueError("a shard path leaves the dataset directory")
             inline = tuple(body["sources"]) if isinstance(body["sources"], list) else ()
             documents = len(inline) if inline else body["sources"]["count"]
-            return cls(body["alphabet"], body["alphabet_size"], body["seq_len"], body["workers"], body["split_rule"],
-                       body["val_fraction"], documents, splits, body["format"], url, inline)
+            manifest = cls(body["alphabet"], body["alphabet_size"], body["seq_len"], body["workers"],
+                           body["split_rule"], body["val_fraction"], documents, splits, body.get("stream", ""),
+                           body["format"], url, inline)
+            if not manifest.stream:  # charnn.rows/1
+                manifest = dataclasses.replace(manifest, stream=stream_digest(manifest, manifest.sources()))
+            return manifest
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DatasetError(f"{url}/{MANIFEST} is damaged ({type(exc).__name__}: {exc}); delete {url} "
                                f"and run the job again to rebuild it") from None
@@ -116,6 +123,19 @@ class Manifest:
         fs, path = open_url(join(self.url, SOURCES), storage)
         with fs.open(path, "rb") as f:
             return pq.read_table(f, schema=SOURCES_SCHEMA)
+
+
+def stream_digest(manifest: Manifest, sources: pa.Table) -> str:
+    """What a run's carried states and position belong to: the training stream's layout (the
+    documents' identities and splits in order, the alphabet, T, R, the split), not its URLs or
+    its number of workers, so that a run resumes on another W or on a moved corpus."""
+    digest = hashlib.sha256(json.dumps({
+        "alphabet": manifest.alphabet, "seq_len": manifest.seq_len, "rows": manifest.splits["train"].rows,
+        "val_fraction": manifest.val_fraction, "split_rule": manifest.split_rule}, sort_keys=True).encode())
+    for batch in sources.select(["identity", "split"]).to_batches(2**16):
+        for identity, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            digest.update(f"{identity}\0{split}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_manifest(url: str, storage: Any = None) -> Manifest:

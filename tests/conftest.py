@@ -154,14 +154,31 @@ class RayCluster:
         self.temp_dir = temp_dir
 
     def start(self) -> "RayCluster":
-        subprocess.run([self.ray, "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+        self.gcs_port = free_port()
+        subprocess.run([self.ray, "start", "--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=2",
                         "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
                        env=self.env, check=True, capture_output=True, timeout=180)
         return self
 
     def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        """Stop this cluster's processes only (``ray stop`` would stop every Ray on the machine,
+        the other tests' embedded ones included): those naming its temp dir or GCS port, and
+        their descendants."""
+        import signal
+        import time
+
+        processes = own_processes(str(self.temp_dir), f"127.0.0.1:{self.gcs_port}")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in processes:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while processes and time.monotonic() < deadline:
+                processes = [p for p in processes if os.path.exists(f"/proc/{p}")]
+                time.sleep(0.2)
 
     def job_command(self, submission_id: str, script: str, *args: str, wait: bool = True) -> list[str]:
         return [self.ray, "job", "submit", "--address", self.address, "--submission-id", submission_id,
@@ -180,6 +197,29 @@ class RayCluster:
     def logs(self, submission_id: str) -> str:
         return subprocess.run([self.ray, "job", "logs", "--address", self.address, submission_id],
                               env=self.env, capture_output=True, text=True, timeout=60).stdout
+
+
+def own_processes(*marks: str) -> list[int]:
+    """PIDs of the processes whose command line holds one of ``marks``, and of their descendants."""
+    parents, matched = {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if any(mark in command for mark in marks):
+            matched.add(int(entry))
+    found, grew = set(matched), True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return sorted(found - {os.getpid()})
 
 
 def last_json(text: str) -> dict | None:

@@ -632,3 +632,97 @@ SHIPPED_SPECS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "
 def test_every_shipped_spec_loads(path):
     spec = load_spec(path)
     assert spec.data.sources and spec.run.name
+
+
+# --- ${NAME}: values from the environment ---------------------------------------------------
+
+def test_env_references_expand_in_set_values(tmp_path, monkeypatch):
+    # The brief's form: braces inside a YAML flow list, which YAML alone would refuse.
+    monkeypatch.setenv("CORPUS_TOKEN", "s3cr/t:x@y")
+    spec = load_spec(minimal(tmp_path), ["data.sources=[https://u:${CORPUS_TOKEN}@host/x, /local/${CORPUS_TOKEN}]"])
+    assert spec.data.sources == ["https://u:s3cr/t:x@y@host/x", "/local/s3cr/t:x@y"]
+    assert load_spec(minimal(tmp_path), ['data.sources="${CORPUS_TOKEN}"']).data.sources == ["s3cr/t:x@y"]
+
+
+def test_env_references_expand_in_spec_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARNN_BUCKET", "my-bucket")
+    monkeypatch.setenv("CHARNN_NAME", "nightly")
+    path = write(tmp_path, "x.yaml", "data:\n  sources: [s3://${CHARNN_BUCKET}/corpus/]\n"
+                                     "run:\n  name: ${CHARNN_NAME}\n  storage: s3://${CHARNN_BUCKET}/runs\n")
+    spec = load_spec(path)
+    assert spec.data.sources == ["s3://my-bucket/corpus/"]
+    assert (spec.run.name, spec.run.storage) == ("nightly", "s3://my-bucket/runs")
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("a$$b", "a$b"), ("$$${CHARNN_X}", "$v$"), ("$${CHARNN_X}", "${CHARNN_X}"), ("p$ss", "p$ss"),
+    ("$HOME", "$HOME"), ("x$", "x$"), ("${CHARNN_X}${CHARNN_X}", "v$v$"),
+])
+def test_env_reference_escapes(tmp_path, monkeypatch, text, expect):
+    monkeypatch.setenv("CHARNN_X", "v$")  # an expanded value is not expanded again
+    assert load_spec(minimal(tmp_path), [f"run.storage='{text}'"]).run.storage == expect
+
+
+def test_unset_env_reference_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHARNN_UNSET_TOKEN", raising=False)
+    msg = error_of(load_spec, minimal(tmp_path), ["data.sources=[https://u:${CHARNN_UNSET_TOKEN}@h/x]"])
+    assert msg.startswith("--set data.sources=[https://***@h/x]: data.sources names "  # a password's place: masked
+                          "environment variable CHARNN_UNSET_TOKEN, which is not set"), msg
+    path = write(tmp_path, "y.yaml", "data:\n  sources: [a]\nrun:\n  storage: ${CHARNN_UNSET_TOKEN}/runs\n")
+    assert error_of(load_spec, path).startswith(f"{path}: run.storage names environment variable CHARNN_UNSET_TOKEN")
+
+
+@pytest.mark.parametrize("text", ["${1X}", "${A-B}", "${}", "${A", "a${ A }"])
+def test_bad_env_references_are_refused(tmp_path, text):
+    msg = error_of(load_spec, minimal(tmp_path), [f"run.storage='{text}'"])
+    assert "run.storage" in msg and "${NAME}" in msg and "$$" in msg, msg
+
+
+def test_env_references_only_in_string_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARNN_STEPS", "5")
+    msg = error_of(load_spec, minimal(tmp_path), ["train.steps=${CHARNN_STEPS}"])
+    assert msg == "--set train.steps=${CHARNN_STEPS}: train.steps must be an int, got str '${CHARNN_STEPS}'"
+
+
+def test_set_origin_is_masked_before_it_is_cut_short(tmp_path):
+    override = "data.sourcez=[https://" + "u" * 50 + ":FAKEpw1234567890@h/x]"  # the cut falls in the password
+    msg = error_of(load_spec, minimal(tmp_path), [override])
+    assert "unknown key 'data.sourcez'" in msg and "FAKE" not in msg, msg
+
+
+def test_spec_from_dict_does_not_expand(monkeypatch):
+    # Workers rebuild the driver's spec from a dict: its values were expanded once already.
+    monkeypatch.setenv("CHARNN_X", "v")
+    spec = spec_from_dict({"data": {"sources": ["a${CHARNN_X}$$"]}})
+    assert spec.data.sources == ["a${CHARNN_X}$$"]
+
+
+def test_dump_masks_expanded_secrets_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARNN_PW", "FAKEpw4471")
+    monkeypatch.setenv("CHARNN_TOK", "FAKEtok4471")
+    spec = load_spec(minimal(tmp_path), [
+        "data.sources=[https://u:${CHARNN_PW}@h/x, 'https://h/y?access_token=${CHARNN_TOK}', 'gs://b/z?key=${CHARNN_TOK}']",
+        "run.storage='/runs/pa$$$$word'", "run.name=" + "n" * 120])
+    text = dump_spec(spec)
+    assert "FAKE" not in text and "https://***@h/x" in text and "access_token=***" in text and "key=***" in text
+    again = load_spec(write(tmp_path, "dumped.yaml", text))  # `$` is written `$$`: the file reloads as it ran
+    assert again.run == spec.run and again.run.storage == "/runs/pa$$word"
+    assert dump_spec(again) == text
+
+
+@pytest.mark.parametrize("override", [
+    "run.storage=s3://AKIAIOSFODNN7EXAMPLE:FAKEsecret@bucket/runs",
+    "run.storage=https://h/runs?token=FAKEsecret",
+    "data.dataset_root=https://u:FAKEsecret@host/datasets",
+    "storage.endpoint_url=http://minio:FAKEsecret@127.0.0.1:9000",
+])
+def test_credentials_where_workers_need_the_value_are_refused(tmp_path, override):
+    msg = error_of(load_spec, minimal(tmp_path), [override])
+    key = override.split("=")[0]
+    assert msg.startswith(f"{key} must not carry credentials") and f"(in --set {key}=" in msg, msg
+    assert "FAKEsecret" not in msg and "environment" in msg
+    section, name = key.split(".")
+    tree = {"data": {"sources": ["a"]}}
+    tree.setdefault(section, {})[name] = override.split("=", 1)[1]
+    assert "must not carry credentials" in error_of(load_spec, write(tmp_path, "y.yaml", yaml.safe_dump(tree)))
+    assert "must not carry credentials" in error_of(spec_from_dict, tree)

@@ -16,6 +16,8 @@ import io
 import json
 import logging
 import os
+import re
+import time
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ FORMAT = "charnn.checkpoint/1"
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKSUMS = "checksums-rank{rank:04d}.json"
+READ_ATTEMPTS = 3  # a checkpoint store that cannot be read is asked again this often, then it is an error
 
 log = logging.getLogger("charnn.checkpoint")
 
@@ -60,15 +63,28 @@ def save_checksums(directory: str, rank: int, world: int) -> None:
         json.dump({"world": world, "files": files}, f)
 
 
+def checkpoint_name(step: int, attempt: str) -> str:
+    """A checkpoint's directory name: its step first, so that names sort as steps do, and the
+    attempt that wrote it, so that an attempt never writes into an earlier one's checkpoint."""
+    return f"checkpoint_{step:09d}_{attempt}"
+
+
+def checkpoint_step_order(name: str) -> tuple:
+    """Sort key: step-named checkpoints by step; Ray's time-named ones (before step names) first."""
+    match = re.fullmatch(r"checkpoint_(\d{9})_\w+", name)
+    return (1, int(match.group(1)), name) if match else (0, 0, name)
+
+
 def checkpoint_problem(url: str, storage: Any = None) -> str | None:
-    """Why the checkpoint at ``url`` (a directory or storage URL) cannot be trusted, or None."""
+    """Why the checkpoint at ``url`` (a directory or storage URL) is damaged, or None if it is
+    whole.  A store that cannot be read raises: that is not damage, and the caller retries."""
+    fs, path = open_url(url, storage)
+    fs.invalidate_cache()
+    present = {_basename(p) for p in fs.ls(path, detail=False)}
+    sums = sorted(n for n in present if n.startswith("checksums-rank"))
+    if not sums:
+        return "it has no checksums-rank*.json (its save did not finish)"
     try:
-        fs, path = open_url(url, storage)
-        fs.invalidate_cache()
-        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        sums = sorted(n for n in present if n.startswith("checksums-rank"))
-        if not sums:
-            return "it has no checksums-rank*.json (its save did not finish)"
         world = json.loads(fs.cat_file(f"{path}/{sums[0]}"))["world"]
         for rank in range(world):
             name = CHECKSUMS.format(rank=rank)
@@ -79,9 +95,28 @@ def checkpoint_problem(url: str, storage: Any = None) -> str | None:
                     return f"{file} is missing"
                 if hashlib.sha256(fs.cat_file(f"{path}/{file}")).hexdigest() != digest:
                     return f"{file} does not match its checksum (damaged or partly written)"
-    except Exception as exc:  # noqa: BLE001 - unreadable is untrustworthy
-        return describe_error(url, exc)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"its checksums cannot be read ({type(exc).__name__})"
+    except FileNotFoundError as exc:
+        return f"{_basename(str(exc.filename or exc))} vanished while it was checked"
     return None
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _retried(what: str, url: str, action, attempts: int = READ_ATTEMPTS):
+    """``action()``, tried again after a read error (with a pause); then one StorageError line."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read now may be readable soon
+            if attempt == attempts:
+                raise StorageError(f"cannot {what} {describe_error(url, exc)}; run the job again once the "
+                                   f"storage answers") from None
+            log.warning("reading %s failed (%s); trying again", url, type(exc).__name__)
+            time.sleep(2 ** attempt)
 
 
 def _load(path: str) -> dict:
@@ -102,8 +137,24 @@ def load_model_file(directory: str) -> dict:
     return payload
 
 
+def saved_shape(payload: dict, where: str) -> ModelShape:
+    """The model shape a checkpoint declares, checked against its weights before anything of
+    that size is allocated."""
+    try:
+        shape = ModelShape(**payload["shape"])
+        expected = CharGRU.parameter_shapes(shape)
+        found = {name: tuple(tensor.shape) for name, tensor in payload["model"].items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{where} is not a readable charnn checkpoint ({type(exc).__name__}: {exc}); "
+                              f"use another checkpoint") from None
+    if found != expected:
+        raise CheckpointError(f"{where}: its weights do not match the shape it declares ({shape}); "
+                              f"use another checkpoint")
+    return shape
+
+
 def check_compatible(payload: dict, shape: ModelShape, alphabet: str) -> None:
-    theirs = ModelShape(**payload["shape"])
+    theirs = saved_shape(payload, "the checkpoint")
     if theirs != shape or payload["alphabet"] != alphabet:
         raise CheckpointError(
             f"checkpoint is a {payload['alphabet']} model {theirs}, the spec asks for {alphabet} {shape}; "
@@ -119,7 +170,10 @@ def load_row_states(directory: str, rows: range) -> torch.Tensor:
     """States [layers, len(rows), H] of ``rows``, gathered from whichever ranks saved them."""
     pieces = {}
     for path in glob.glob(os.path.join(directory, "carry-rows-*.pt")):
-        first, stop = (int(n) for n in os.path.basename(path)[len("carry-rows-"):-3].split("-"))
+        match = re.fullmatch(r"carry-rows-(\d+)-(\d+)\.pt", os.path.basename(path))
+        if not match:
+            raise CheckpointError(f"{path} is not a carry file of a charnn checkpoint; use another checkpoint")
+        first, stop = int(match.group(1)), int(match.group(2))
         if first < rows.stop and stop > rows.start:
             states = _load(path)
             lo, hi = max(first, rows.start), min(stop, rows.stop)
@@ -136,16 +190,18 @@ def load_rng_file(directory: str, rank: int) -> dict | None:
 
 
 def latest_checkpoint(run_url: str, storage: Any = None) -> str | None:
-    """URL of a run's newest good checkpoint directory (Ray names them by time), if any.
-    Damaged ones are skipped, with a warning."""
-    fs, path = open_url(run_url, storage)
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        return None
-    names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "directory")
-    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
+    """URL of a run's newest good checkpoint (the highest step), if any.  Damaged ones are
+    skipped with a warning; a store that cannot be read is retried, never taken for damage."""
+    def names():
+        fs, path = open_url(run_url, storage)
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return []
+        return sorted((_basename(e["name"]) for e in fs.ls(path, detail=True) if e["type"] == "directory"),
+                      key=checkpoint_step_order)
+    for name in reversed([n for n in _retried("list the checkpoints of", run_url, names) if n.startswith("checkpoint_")]):
         url = run_url.rstrip("/") + "/" + name
-        problem = checkpoint_problem(url, storage)
+        problem = _retried("check checkpoint", url, lambda: checkpoint_problem(url, storage))
         if problem is None:
             return url
         log.warning("skipping checkpoint %s: %s", url, problem)
@@ -183,6 +239,54 @@ def load_payload(url: str, storage: Any = None) -> dict:
 def load_model(url: str, storage: Any = None) -> tuple[CharGRU, dict]:
     """The model of a checkpoint at any storage URL, on the CPU, in eval mode."""
     payload = load_payload(url, storage)
-    model = CharGRU(ModelShape(**payload["shape"]))
+    model = CharGRU(saved_shape(payload, url))
     model.load_state_dict(payload["model"])
     return model.eval(), payload
+
+
+# What a resumed run must share with the run it resumes, besides the model's shape and alphabet
+# and the data stream; everything else (steps, cadences, workers, storage) may change.
+RESUME_SETTINGS = ("model.dropout", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
+                   "train.grad_clip", "train.epoch_state", "train.seed")
+
+
+def resume_settings(spec) -> dict:
+    return {key: getattr(getattr(spec, key.split(".")[0]), key.split(".")[1]) for key in RESUME_SETTINGS}
+
+
+def resume_differences(payload: dict, stream: str, settings: dict) -> list[str]:
+    """What differs between a checkpoint and the run that would resume it (checkpoints from
+    before these were recorded are taken as they are)."""
+    differences = []
+    if payload.get("stream", stream) != stream:
+        differences.append("the data (its documents, their splits, data.seq_len or the rows R)")
+    saved = payload.get("settings", {})
+    differences += [f"{key} ({saved[key]!r} now {value!r})" for key, value in settings.items()
+                    if key in saved and saved[key] != value]
+    return differences
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_unusable_ray_snapshot(run_url: str, storage: Any = None) -> None:
+    """Move Ray Train's record of a run aside when Ray could not load it (not JSON, another Ray
+    version, a checkpoint it names is gone): Ray would refuse to start, and advise deleting the
+    whole run.  Nothing is lost: the workers resume from the run directory's own checkpoints."""
+    from importlib.metadata import version
+
+    fs, path = open_url(run_url.rstrip("/") + "/" + RAY_SNAPSHOT, storage)
+    try:
+        snapshot = json.loads(fs.cat_file(path))
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+        problem = (f"it was written by Ray {snapshot.get('ray_version')}" if snapshot.get("ray_version") != version("ray")
+                   else next((f"it names {n}, which is gone" for n in names if not fs.exists(path.rsplit("/", 1)[0] + "/" + n)), None))
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"it cannot be read ({type(exc).__name__})"
+    if problem:
+        aside = f"{path}.unusable-{int(time.time())}"
+        fs.mv(path, aside)
+        log.warning("Ray Train's record of %s is unusable (%s): moved to %s; the run resumes from its newest good "
+                    "checkpoint", run_url, problem, aside.rsplit("/", 1)[-1])

@@ -12,6 +12,7 @@ import math
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray.train
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from jobs.spec import Spec, dump_spec, spec_from_dict
 from pipeline.alphabet import alphabet_size
 from pipeline.reader import SplitReader, load_manifest
-from pipeline.storage import is_local, join, open_url
+from pipeline.storage import StorageError, is_local, join, open_url
 from train import checkpoint as ckpt
 from train.carry import epoch_of, next_epoch_states
 from train.faults import inject
@@ -123,7 +124,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     step, states, saved = 0, model.zero_state(len(train_rows.rows), device), {}
     run_url = join(spec.run.storage, spec.run.name)
-    with _resume_directory(ray.train.get_checkpoint(), run_url, spec.storage, rank) as directory:
+    resume_url, attempt = _agree_on_resume(run_url, spec.storage, rank, ray.train.get_checkpoint())
+    with _local_copy(resume_url, spec.storage) as directory:
         restored = directory is not None
         if restored:
             step, states, saved = _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank)
@@ -135,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     run_log = RunLog(run_url, spec.storage, step, saved.get("history")) if rank == 0 else None
-    meta = {"alphabet": manifest.alphabet, "spec": dump_spec(spec),
+    meta = {"alphabet": manifest.alphabet, "spec": dump_spec(spec), "stream": manifest.stream,
+            "settings": ckpt.resume_settings(spec), "attempt": attempt,
             "dataset": {"url": config["dataset"], "documents": manifest.documents}}
     clock = TrainClock(saved.get("metrics", {}).get("train_seconds", 0.0))
     interval, windows, last_train, started, first_step = Interval(clock), None, {}, time.perf_counter(), step
@@ -214,25 +217,47 @@ def _report(metrics, save, model, optimizer, scheduler, meta, rank, world, rows,
             ckpt.save_model_files(directory, model, optimizer, scheduler, meta)
         ckpt.save_checksums(directory, rank, world)
         inject("kill-in-checkpoint", meta["step"], rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=ckpt.checkpoint_name(meta["step"], meta["attempt"]))
 
 
-@contextlib.contextmanager
-def _resume_directory(registered: ray.train.Checkpoint | None, run_url: str, storage, rank: int):
-    """A local directory holding the run's newest good checkpoint, or None for a fresh start.
+def _agree_on_resume(run_url: str, storage, rank: int, registered: ray.train.Checkpoint | None) -> tuple:
+    """(URL of the checkpoint to resume from or None, this attempt's id), decided by rank 0 for
+    every rank: ranks that each chose for themselves could resume different weights, or hang in a
+    collective, after a read error on one of them.
 
-    The newest good one (all ranks' checksums hold) may be newer than the one Ray Train hands
-    back, when a worker died between saving a checkpoint and the controller registering it;
-    or older, when the registered one was damaged afterwards."""
-    url = ckpt.latest_checkpoint(run_url, storage)
-    name = url and url.rsplit("/", 1)[-1]
+    Rank 0 takes the run directory's newest good checkpoint.  It may be newer than the one Ray
+    Train hands back, when a worker died between saving a checkpoint and the controller
+    registering it; or older, when the registered one was damaged afterwards."""
+    choice = [None, uuid.uuid4().hex[:8], None]
+    if rank == 0:
+        try:
+            choice[0] = ckpt.latest_checkpoint(run_url, storage)
+            _say_if_not_registered(registered, choice[0], run_url)
+        except (ckpt.CheckpointError, StorageError) as exc:
+            choice[2] = exc
+    if distributed():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[2] is not None:
+        raise choice[2]
+    return choice[0], choice[1]
+
+
+def _say_if_not_registered(registered: ray.train.Checkpoint | None, url: str | None, run_url: str) -> None:
     theirs = registered and registered.path.rstrip("/").rsplit("/", 1)[-1]
+    name = url and url.rsplit("/", 1)[-1]
     if theirs and url is None:
         raise ckpt.CheckpointError(f"checkpoint {theirs} of {run_url} is damaged and no earlier one is good; "
                                    f"delete {run_url} to start over")
-    if theirs and name != theirs and rank == 0:
-        why = "is damaged" if name < theirs else "is older than one saved but not yet registered"
+    if theirs and name != theirs:
+        newer = ckpt.checkpoint_step_order(name) > ckpt.checkpoint_step_order(theirs)
+        why = "is older than one saved but not yet registered" if newer else "is damaged"
         say(f"charnn: warning: checkpoint {theirs} {why}; resuming from {name}")
+
+
+@contextlib.contextmanager
+def _local_copy(url: str | None, storage):
+    """A local directory holding the checkpoint at ``url`` (None: None)."""
     if url is None:
         yield None
         return

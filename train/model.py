@@ -34,6 +34,17 @@ class CharGRU(nn.Module):
         self.out_dropout = nn.Dropout(dropout)  # the seed also dropped the top cell's output
         self.head = nn.Linear(shape.cell_size, shape.vocab)
 
+    @staticmethod
+    def parameter_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+        """The shape of every parameter of a model of ``shape``, without making one."""
+        shapes = {"embed.weight": (shape.vocab, shape.embedding)} if shape.embedding else {}
+        for layer in range(shape.layers):
+            inputs = (shape.embedding or shape.vocab) if layer == 0 else shape.cell_size
+            shapes |= {f"gru.weight_ih_l{layer}": (3 * shape.cell_size, inputs),
+                       f"gru.weight_hh_l{layer}": (3 * shape.cell_size, shape.cell_size),
+                       f"gru.bias_ih_l{layer}": (3 * shape.cell_size,), f"gru.bias_hh_l{layer}": (3 * shape.cell_size,)}
+        return shapes | {"head.weight": (shape.vocab, shape.cell_size), "head.bias": (shape.vocab,)}
+
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.zeros(self.shape.layers, batch, self.shape.cell_size, device=device)
 
@@ -67,11 +78,15 @@ class CharGRU(nn.Module):
             device = next(self.parameters()).device
             logits, h = self(prime.view(1, -1).to(device))
             for _ in range(length):
-                scores = logits[0, -1].float() / temperature
+                # On the CPU in float64, less the maximum before dividing: the likeliest code scores
+                # 0 at any temperature > 0 and the others <= 0 (-inf at a tiny one), so softmax never
+                # sees inf - inf (NaN); a tiny temperature samples the argmax, a huge one evenly.
+                scores = logits[0, -1].to("cpu", torch.float64)
+                scores = (scores - scores.max()) / temperature
                 if top_k:
                     kth = torch.topk(scores, top_k).values[-1]
                     scores = scores.masked_fill(scores < kth, float("-inf"))
-                code = int(torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator))
+                code = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
                 yield code
                 logits, h = self(torch.tensor([[code]], device=device), h)
         finally:

@@ -1,17 +1,20 @@
 """Driver side: a ``TorchTrainer`` over the spec's workers, storage and checkpoint policy."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from jobs.spec import Spec, spec_to_dict
+from jobs.spec import Spec, redacted_dict
+from pipeline.dataset import Manifest
 from pipeline.reader import DatasetError
-from pipeline.storage import StorageError, s3_attempts
+from pipeline.storage import StorageError, join, s3_attempts
 from train import TrainingError
-from train.checkpoint import CheckpointError
+from train.checkpoint import (CheckpointError, latest_checkpoint, resume_differences, resume_settings,
+                              set_aside_unusable_ray_snapshot)
 from train.loop import train_loop_per_worker
 
 
@@ -38,7 +41,9 @@ def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> 
     resources = {"CPU": spec.cluster.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec_to_dict(spec), "dataset": dataset_url, "init_from": init_from},
+        # Ray records this config and serves it on the dashboard: the spec with credentials masked
+        # (workers never read data.sources; the keys they do read may carry none, see jobs/spec.py).
+        train_loop_config={"spec": redacted_dict(spec), "dataset": dataset_url, "init_from": init_from},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu, resources_per_worker=resources,
@@ -53,11 +58,38 @@ def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> 
     )
 
 
-def checkpoint_url(storage_url: str, checkpoint) -> str:
-    """The checkpoint's URL in the run's storage (Ray gives a filesystem-relative path)."""
-    if "://" in storage_url and "://" not in checkpoint.path:
-        return f"{storage_url.split('://', 1)[0]}://{checkpoint.path}"
-    return checkpoint.path
+def fit(spec: Spec, dataset_url: str, init_from: str | None = None) -> str:
+    """Train (or resume) the spec's run; the URL of its final checkpoint: the run directory's
+    newest good one, which Ray Train's result may not name when a worker died between saving
+    it and the controller registering it."""
+    run_url = join(spec.run.storage, spec.run.name)
+    set_aside_unusable_ray_snapshot(run_url, spec.storage)
+    result = make_trainer(spec, dataset_url, init_from).fit()
+    if result.error is not None:
+        raise training_error(result.error)
+    final = latest_checkpoint(run_url, spec.storage)
+    if final is None:
+        raise TrainingError(f"{run_url} holds no good checkpoint after training; run the job again")
+    return final
+
+
+def check_resume(spec: Spec, saved: dict, manifest: Manifest | None = None) -> None:
+    """Refuse to resume a run beyond its end, or with other training settings, or (given the
+    dataset's ``manifest``) on other data; with ``run.resume=force``, say what differs and go on."""
+    steps_per_epoch = manifest.splits["train"].steps if manifest else None
+    total = spec.train.steps or (steps_per_epoch and spec.train.epochs * steps_per_epoch)
+    if total and saved["step"] > total:
+        raise CheckpointError(f"run {spec.run.name} is at step {saved['step']}, past train.steps={total}; "
+                              f"raise train.steps to continue it, or use a new run.name")
+    differences = resume_differences(saved, manifest.stream if manifest else saved.get("stream"),
+                                     resume_settings(spec))
+    if differences and spec.run.resume == "check":
+        raise CheckpointError(f"run {spec.run.name} was trained with other {'; '.join(differences)}; use a new "
+                              f"run.name, or --set run.resume=force to resume it anyway (keeping its optimiser, "
+                              f"schedule and position in the data)")
+    if differences and manifest:
+        logging.getLogger("charnn").warning("resuming %s despite other %s (run.resume=force)", spec.run.name,
+                                            "; ".join(differences))
 
 
 def training_error(error: Exception) -> Exception:

@@ -21,7 +21,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) -m pipeline.corpora shakespeare
+	$(PY) -m charnn.data.corpora shakespeare
 	$(LOOPBACK) $(PY) jobs/train.py --spec jobs/specs/shakespeare-demo.yaml
 
 test: $(INSTALLED)
@@ -30,8 +30,8 @@ test: $(INSTALLED)
 # The Shakespeare dataset laid out for 1 worker x 256 rows, for bench/gpu.sh on a lent GPU
 # (carry .gpu-data): the GPU machine has no Ray and no network.
 gpu-data: $(INSTALLED)
-	$(PY) -m pipeline.corpora shakespeare
-	$(LOOPBACK) $(PY) jobs/tokenize.py --spec jobs/specs/shakespeare-quality.yaml --set cluster.num_workers=1 \
+	$(PY) -m charnn.data.corpora shakespeare
+	$(LOOPBACK) $(PY) jobs/tokenize_corpus.py --spec jobs/specs/shakespeare-quality.yaml --set cluster.num_workers=1 \
 		--set train.batch_per_worker=256 --set data.dataset_root=$(CURDIR)/.gpu-data
 
 # Re-pin constraints.txt after changing pyproject.toml's ranges.

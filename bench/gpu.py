@@ -21,12 +21,10 @@ import os
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from train.model import CharGRU, ModelShape  # noqa: E402
+from charnn.model import CharGRU, ModelShape
 
 THRESHOLDS = (1.60, 1.50, 1.45, 1.40, 1.35, 1.30)
 
@@ -105,10 +103,11 @@ def speed(args) -> None:
 
 
 def quality(args) -> None:
-    from pipeline.reader import SplitReader, load_manifest
-    from train.carry import roll_rows
-    from train.optim import lr_factor
-    from train.step import evaluate, to_batch, train_step
+    from charnn.data.dataset import load_manifest
+    from charnn.data.reader import SplitReader
+    from charnn.train.carry import roll_rows
+    from charnn.train.optim import lr_factor
+    from charnn.train.step import evaluate, to_batch, train_step
 
     manifests = glob.glob(os.path.join(args.dataset, "**", "manifest.json"), recursive=True)
     if not manifests:

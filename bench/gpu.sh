@@ -10,13 +10,13 @@
 # validation loss of the quality recipe trained for 4 minutes on the real corpus.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"  # the GPU machine has torch, not this project installed
 PY=${PY:-python3}
 TRACE_DIR=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
 echo "== profile, batch 200, bf16"
-timeout 60 $PY bench/profile.py --device cuda --batch 200 --trace "$TRACE_DIR/gpu-step-trace.json"
+timeout 60 $PY bench/step_profile.py --device cuda --batch 200 --trace "$TRACE_DIR/gpu-step-trace.json"
 echo "== speed"
 timeout 120 $PY bench/gpu.py speed --batches 200,1024,4096
 echo "== quality, 4 minutes of training"

@@ -9,7 +9,7 @@ equal size in nested directories (1,000 a directory), each starting with its own
 that no two are alike.  Every measurement runs in a fresh subprocess, so that its peak RSS is
 its own.  Printed, each with its target:
 
-- the same ``--mb`` as 20, 20,000 and 200,000 documents: the whole ``jobs/tokenize.py`` job
+- the same ``--mb`` as 20, 20,000 and 200,000 documents: the whole ``jobs/tokenize_corpus.py`` job
   (Ray start-up included, as a user runs it) and the build alone, and time(many)/time(few);
 - the driver's peak RSS from 1,000 to 200,000 documents;
 - steady state on many documents (2 KB each): the extra megabytes of a 10x larger corpus over
@@ -27,7 +27,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = ROOT  # this file's own name would shadow the pipeline package
 ROWS, WORKERS, SEQ_LEN = 200, 2, 30
 LOOPBACK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
             "RAY_USAGE_STATS_ENABLED": "0", "AWS_EC2_METADATA_DISABLED": "true",
@@ -36,7 +35,7 @@ PER_DIRECTORY = 1000
 
 
 def plays() -> bytes:
-    from pipeline.corpora import corpus_path
+    from charnn.data.corpora import corpus_path
 
     directory = corpus_path("shakespeare")
     return b"".join(open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory)))
@@ -62,7 +61,7 @@ def make_corpus(directory: str, total_bytes: int, documents: int, first: int = 0
 
 
 def request(corpus: str, root: str):
-    from pipeline.build import DatasetRequest
+    from charnn.data.build import DatasetRequest
 
     return DatasetRequest(sources=[corpus], alphabet="gorner98", seq_len=SEQ_LEN, rows=ROWS, workers=WORKERS,
                           val_fraction=0.1, shard_mb=64, dataset_root=root)
@@ -72,10 +71,10 @@ def baseline(corpus: str, root: str) -> dict:
     """The same job in one process: list, read, encode, lay out, write row shards (no cache, no Ray)."""
     import numpy as np
 
-    from pipeline.alphabet import encode
-    from pipeline.dataset import shard_table, write_shard_file
-    from pipeline.layout import plan_rows, plan_shards
-    from pipeline.sources import list_documents, split_array
+    from charnn.data.alphabet import encode
+    from charnn.data.dataset import shard_table, write_shard_file
+    from charnn.data.layout import plan_rows, plan_shards
+    from charnn.data.sources import list_documents, split_array
 
     started = time.perf_counter()
     listing = list_documents([corpus])
@@ -100,7 +99,7 @@ def pipeline(corpus: str, root: str) -> dict:
     encoding (what the document cache saves) and writing the shards (the whole dataset, always)."""
     import ray
 
-    from pipeline.build import catalogue, write_dataset
+    from charnn.data.build import catalogue, write_dataset
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
@@ -131,10 +130,10 @@ def measure(mode: str, corpus: str, root: str) -> dict:
 
 
 def tokenize_job(corpus: str, root: str) -> float:
-    """Seconds of ``jobs/tokenize.py`` from a clean dataset root, as a user runs it."""
+    """Seconds of ``jobs/tokenize_corpus.py`` from a clean dataset root, as a user runs it."""
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "jobs/tokenize.py", "--spec", "jobs/specs/shakespeare.yaml",
+    subprocess.run([sys.executable, "jobs/tokenize_corpus.py", "--spec", "jobs/specs/shakespeare.yaml",
                     "--set", f"data.sources=[{corpus}]", "--set", f"data.dataset_root={root}",
                     "--set", f"cluster.num_workers={WORKERS}", "--set", f"train.batch_per_worker={ROWS // WORKERS}"],
                    check=True, capture_output=True, env={**os.environ, **LOOPBACK}, cwd=ROOT)

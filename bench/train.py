@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
+import torch
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
@@ -35,10 +32,10 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
     """The training step of train/loop.py, timed after warm-up; returns tokens/s (this worker)."""
-    from train.step import train_step
-    from train.model import CharGRU, ModelShape
-    from train.optim import make_optimizer
-    from jobs.spec import TrainConfig
+    from charnn.train.step import train_step
+    from charnn.model import CharGRU, ModelShape
+    from charnn.train.optim import make_optimizer
+    from charnn.config import TrainConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

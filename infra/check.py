@@ -30,7 +30,7 @@ import jsonschema
 import yaml
 from packaging.requirements import Requirement
 
-from jobs.spec import SpecError, load_spec
+from charnn.config import SpecError, load_spec
 
 try:
     import tomllib

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pipeline.alphabet import AlphabetError, alphabet_size, decode, encode, encode_text, unknown_fraction
+from charnn.data.alphabet import AlphabetError, alphabet_size, decode, encode, encode_text, unknown_fraction
 
 
 def test_gorner98_table_matches_the_seed():
@@ -61,7 +61,7 @@ def test_fuzz_encoder_only_raises_alphabet_error(data, alphabet):
 
 
 def test_encode_bytes_is_what_the_document_cache_holds():
-    from pipeline.alphabet import encode_bytes
+    from charnn.data.alphabet import encode_bytes
 
     raw = b"To be,\r\nor not\rto be \xe2\x80\x94 that\xff is"
     cached = encode_bytes(raw)
@@ -72,7 +72,7 @@ def test_encode_bytes_is_what_the_document_cache_holds():
 @given(st.binary(max_size=300) | st.text(max_size=100).map(lambda t: t.replace("x", "\r").encode()),
        st.lists(st.integers(0, 300), max_size=6), st.sampled_from(["gorner98", "bytes"]))
 def test_a_document_fed_in_chunks_encodes_as_a_whole(data, cuts, alphabet):
-    from pipeline.alphabet import StreamEncoder, encode_bytes
+    from charnn.data.alphabet import StreamEncoder, encode_bytes
 
     bounds = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
     encoder = StreamEncoder(alphabet)
@@ -81,7 +81,7 @@ def test_a_document_fed_in_chunks_encodes_as_a_whole(data, cuts, alphabet):
 
 
 def test_chunk_edges_inside_a_crlf_and_a_utf8_character():
-    from pipeline.alphabet import StreamEncoder, encode_bytes
+    from charnn.data.alphabet import StreamEncoder, encode_bytes
 
     raw = "a\r\nb\u2014c\r".encode()
     for cut in range(len(raw) + 1):

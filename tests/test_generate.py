@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.generate import GenerateOptions, sample_text
-from train.model import CharGRU, ModelShape
+from charnn.sample import GenerateOptions, sample_text
+from charnn.model import CharGRU, ModelShape
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 98  # gorner98

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline.layout import LayoutError, plan_rows, plan_shards, validation_rows, worker_rows
-from pipeline.sources import assign_splits
+from charnn.data.layout import LayoutError, plan_rows, plan_shards, validation_rows, worker_rows
+from charnn.data.sources import assign_splits
 
 
 @st.composite

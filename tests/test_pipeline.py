@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import write_corpus
-from pipeline.alphabet import encode
-from pipeline.build import DatasetRequest, PipelineError, build_dataset
-from pipeline.reader import SplitReader, load_manifest
-from pipeline.storage import StorageError
+from charnn.data.alphabet import encode
+from charnn.data.build import DatasetRequest, PipelineError, build_dataset
+from charnn.data.reader import SplitReader
+from charnn.data.dataset import load_manifest
+from charnn.storage import StorageError
 
 pytestmark = pytest.mark.ray
 
@@ -139,7 +140,7 @@ def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_pa
             "--set", f"data.dataset_root={tmp_path / 'datasets'}", "--set", "data.shard_mb=1"]
     env = {**os.environ, **LOOPBACK_ENV}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tokenize.py"), *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tokenize_corpus.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "datasets").glob("*/*.arrow")):
@@ -152,7 +153,7 @@ def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_pa
     with pytest.raises(Exception, match="no manifest.json"):
         load_manifest(str(partial))
 
-    _, result = run_job("tokenize.py", *args)
+    _, result = run_job("tokenize_corpus.py", *args)
     assert result["dataset"] == str(partial)
     assert result["train_tokens"] + result["val_tokens"] == 4 * (10_000_000 // len(block)) * len(block)
 

@@ -1,17 +1,18 @@
 """The pipeline against S3 (moto's server on 127.0.0.1): same rows as from local files."""
 import gzip
 
-from pipeline.alphabet import encode
+from charnn.data.alphabet import encode
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import MotoServer, free_port
-from pipeline.build import DatasetRequest, build_dataset
-from pipeline.reader import SplitReader, load_manifest
-from jobs.spec import StorageConfig
-from pipeline.storage import StorageError
+from charnn.data.build import DatasetRequest, build_dataset
+from charnn.data.reader import SplitReader
+from charnn.data.dataset import load_manifest
+from charnn.config import StorageConfig
+from charnn.storage import StorageError
 
 pytestmark = pytest.mark.ray
 
@@ -88,8 +89,8 @@ def test_missing_bucket_is_one_clear_error(ray_local, tmp_path, moto_s3):
 
 def encode_listed(sources, root, storage=None):
     """The encode task on a listing taken now: what a build does after it lists."""
-    from pipeline.cache import encode_group
-    from pipeline.sources import list_documents
+    from charnn.data.cache import encode_group
+    from charnn.data.sources import list_documents
 
     listing = list_documents(sources, storage)
     return lambda: dict(zip(listing.column("url").to_pylist(),
@@ -108,7 +109,7 @@ def test_a_source_that_changes_or_vanishes_after_listing_is_an_error(moto_s3, bu
     assert "changed after the sources were listed" in errors["a.txt"]
     assert "disappeared after the sources were listed" in errors["b.txt"]
     assert errors["c.txt"] is None
-    from pipeline.cache import load_index
+    from charnn.data.cache import load_index
     index = load_index(str(tmp_path / "datasets"), "gorner98", storage).to_pylist()
     assert [r["url"].rsplit("/", 1)[-1] for r in index] == ["c.txt"]  # nothing cached under a stale listing
 

@@ -17,15 +17,15 @@ import fsspec
 import pytest
 import torch
 
-from jobs.spec import StorageConfig
-from pipeline.storage import fsspec_options
-from train.checkpoint import load_model
-from train.model import CharGRU, ModelShape
-from train.registry import ModelRegistry, RegistryBusy, RegistryError, _create
+from charnn.config import StorageConfig
+from charnn.storage import fsspec_options
+from charnn.checkpoint import load_model
+from charnn.model import CharGRU, ModelShape
+from charnn.registry import ModelRegistry, RegistryBusy, RegistryError, _create
 
 
 def test_changed_documents_sees_new_changed_and_removed():
-    from jobs.retrain import changed_documents  # imported here: spawned test workers need not load jobs/
+    from charnn.cli.retrain import changed_documents  # imported here: spawned test workers need not load jobs/
 
     published = {"a": "etag:1", "b": "etag:2", "c": "etag:3"}
     current = {"a": "etag:1", "b": "etag:9", "d": "etag:4"}
@@ -37,7 +37,7 @@ def test_changed_documents_sees_new_changed_and_removed():
 
 
 def test_is_better_applies_min_improvement():
-    from jobs.retrain import is_better
+    from charnn.cli.retrain import is_better
 
     assert is_better(1.0, None, 5.0)  # nothing published: any candidate
     assert is_better(1.0, 1.2, 0.1) and not is_better(1.15, 1.2, 0.1)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import FlakyProxy, run_job, train_smoke, write_corpus
-from jobs.spec import StorageConfig
-from train.checkpoint import CheckpointError, latest_checkpoint, load_model, load_row_states
+from charnn.config import StorageConfig
+from charnn.checkpoint import CheckpointError, latest_checkpoint, load_model, load_row_states
 
 pytestmark = pytest.mark.ray
 

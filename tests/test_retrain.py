@@ -11,8 +11,8 @@ import uuid
 import pytest
 
 from conftest import REPO, last_json, run_job, write_corpus
-from jobs.spec import StorageConfig
-from train.registry import ModelRegistry, RegistryBusy
+from charnn.config import StorageConfig
+from charnn.registry import ModelRegistry, RegistryBusy
 
 pytestmark = pytest.mark.ray
 

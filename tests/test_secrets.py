@@ -20,8 +20,8 @@ import pyarrow as pa
 import pytest
 
 from conftest import REPO, last_json, run_job, write_corpus
-from jobs.spec import dump_spec, load_spec, spec_from_dict
-from pipeline.storage import redact, redact_urls
+from charnn.config import dump_spec, load_spec, spec_from_dict
+from charnn.storage import redact, redact_urls
 
 # --- redact() -------------------------------------------------------------------------------
 
@@ -114,7 +114,7 @@ def test_redact_takes_linear_time(text):
 
 
 def test_describe_error_masks_before_it_cuts_the_message_short():
-    from pipeline.storage import describe_error
+    from charnn.storage import describe_error
 
     exc = OSError("x" * 263 + " while reading http://charnn:FAKEpassword0123456789@host/a.txt")
     line = describe_error("http://charnn:FAKEpassword0123456789@host/a.txt", exc)
@@ -124,7 +124,7 @@ def test_describe_error_masks_before_it_cuts_the_message_short():
 # --- what Ray Train records (F-17 a) --------------------------------------------------------
 
 def test_train_loop_config_holds_no_credentials(tmp_path, monkeypatch):
-    from train.trainer import make_trainer
+    from charnn.train.launch import make_trainer
 
     monkeypatch.setenv("CHARNN_TEST_TOKEN", "FAKEtok9931")
     spec = load_spec(str(REPO / "jobs" / "specs" / "smoke.yaml"), [
@@ -161,7 +161,7 @@ def _mode(path: Path) -> int:
 
 
 def test_protect_token_tightens_modes(tmp_path, monkeypatch):
-    from jobs.runtime import protect_token
+    from charnn.cli.runtime import protect_token
 
     monkeypatch.setenv("HOME", str(tmp_path))
     own = tmp_path / "elsewhere" / "token"
@@ -188,7 +188,7 @@ def test_embedded_ray_leaves_its_token_private(tmp_path):
             "import functools, os, ray\n"
             "os.umask(0o022)\n"
             f"ray.init = functools.partial(ray.init, num_cpus=1, include_dashboard=False, _temp_dir={temp_dir!r})\n"
-            "from jobs.runtime import init_ray\n"
+            "from charnn.cli.runtime import init_ray\n"
             "assert init_ray() is True\n"
             "ray.shutdown()\n")
         env = {**os.environ, "HOME": str(tmp_path / "home")}

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import REPO, write_corpus
-from pipeline.cache import encode_group, load_index, lookup
-from pipeline.sources import list_documents
-from pipeline.storage import StorageError, open_url
+from charnn.data.cache import encode_group, load_index, lookup
+from charnn.data.sources import list_documents
+from charnn.storage import StorageError, open_url
 
 ROOT_CAN_READ_ANYTHING = os.geteuid() == 0
 
@@ -95,8 +95,8 @@ def test_an_unreadable_directory_or_file_is_one_line(tmp_path):
     os.chmod(corpus / "open" / "doc-001.txt", 0)
     try:
         out = run_without_root_powers(
-            "from pipeline.sources import list_documents\n"
-            "from pipeline.cache import encode_group\n"
+            "from charnn.data.sources import list_documents\n"
+            "from charnn.data.cache import encode_group\n"
             f"try:\n    list_documents([{str(corpus)!r}])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
             f"listing = list_documents([{str(corpus / 'open')!r}])\n"
             f"print([r['error'] for r in encode_group(listing, {str(tmp_path / 'ds')!r}, 'gorner98').to_pylist()])\n")
@@ -111,7 +111,7 @@ def test_an_unreadable_directory_or_file_is_one_line(tmp_path):
 
 
 def test_a_document_that_changes_while_it_is_read_is_an_error(tmp_path):
-    from pipeline.cache import _ListedFile
+    from charnn.data.cache import _ListedFile
 
     path = tmp_path / "c" / "a.txt"
     write_corpus(path.parent, 1, 2000)
@@ -167,7 +167,7 @@ def test_a_document_too_large_for_memory_is_encoded_in_chunks(tmp_path):
             f.write(block)
     out = subprocess.run([sys.executable, "-c",
                           "import re\n"
-                          "from pipeline.sources import list_documents\nfrom pipeline.cache import encode_group\n"
+                          "from charnn.data.sources import list_documents\nfrom charnn.data.cache import encode_group\n"
                           f"r = encode_group(list_documents([{str(corpus)!r}]), {str(tmp_path / 'ds')!r}, 'gorner98')\n"
                           "print(repr(r.column('error')[0].as_py()))\n"
                           "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
@@ -183,7 +183,7 @@ def test_a_document_too_large_for_memory_is_encoded_in_chunks(tmp_path):
 def test_a_charnn_rows_1_manifest_is_still_read():
     import json
 
-    from pipeline.dataset import DatasetError, Manifest
+    from charnn.data.dataset import DatasetError, Manifest
 
     old = {"format": "charnn.rows/1", "alphabet": "gorner98", "alphabet_size": 98, "seq_len": 8, "workers": 2,
            "split_rule": "r", "val_fraction": 0.25,

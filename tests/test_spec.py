@@ -1,4 +1,4 @@
-"""Tests for jobs.spec: real YAML files in tmp_path, no mocks, no Ray."""
+"""Tests for charnn.config: real YAML files in tmp_path, no mocks, no Ray."""
 import argparse
 import ast
 import dataclasses
@@ -13,7 +13,7 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from jobs.spec import (
+from charnn.config import (
     Spec, SpecError, add_spec_arguments, dump_spec, expand_path, load_spec,
     spec_from_args, spec_from_dict, spec_to_dict,
 )
@@ -338,8 +338,8 @@ def isolated(code, timeout=30):
 
 
 def isolated_error(call, timeout=30):
-    """The SpecError message of `call` (Python source using jobs.spec), run in isolation."""
-    return ast.literal_eval(isolated("from jobs.spec import *\ntry:\n    " + call + "\nexcept SpecError as e:\n"
+    """The SpecError message of `call` (Python source using charnn.config), run in isolation."""
+    return ast.literal_eval(isolated("from charnn.config import *\ntry:\n    " + call + "\nexcept SpecError as e:\n"
                     "    print(repr(str(e)))\nelse:\n    print(repr('no error'))", timeout))
 
 
@@ -516,7 +516,7 @@ def test_extend_fan_out_reads_each_file_once(tmp_path):
     write(tmp_path, "c.yaml", "data: {sources: [c]}\n")
     write(tmp_path, "b.yaml", "extend: [" + ", ".join(["c.yaml"] * 1000) + "]\n")
     path = write(tmp_path, "a.yaml", "extend: [" + ", ".join(["b.yaml"] * 1000) + "]\n")
-    code = f"from jobs.spec import load_spec\nprint(load_spec({path!r}).data.sources)"
+    code = f"from charnn.config import load_spec\nprint(load_spec({path!r}).data.sources)"
     assert isolated(code) == "['c']"
 
 

@@ -1,6 +1,6 @@
 """Where a training step's time goes: the project's ``train_step`` under the torch profiler.
 
-    .venv/bin/python bench/profile.py [--batch 200] [--threads 2] [--steps 5] [--device cpu|cuda] [--trace PATH]
+    .venv/bin/python bench/step_profile.py [--batch 200] [--threads 2] [--steps 5] [--device cpu|cuda] [--trace PATH]
 
 The seed's shapes (one-hot 98 -> GRU 512 x 3 -> 98, T 30), carrying the hidden state, Adam
 with a schedule and clipping, as in training.  Prints the step's time split by the regions
@@ -12,14 +12,10 @@ trace (chrome://tracing, Perfetto) of the profiled steps.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -44,10 +40,10 @@ def main() -> None:
     parser.add_argument("--trace", help="write a Chrome trace here")
     args = parser.parse_args()
 
-    from jobs.spec import TrainConfig
-    from train.model import CharGRU, ModelShape
-    from train.optim import make_optimizer
-    from train.step import STEP_REGIONS, train_step
+    from charnn.config import TrainConfig
+    from charnn.model import CharGRU, ModelShape
+    from charnn.train.optim import make_optimizer
+    from charnn.train.step import STEP_REGIONS, train_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

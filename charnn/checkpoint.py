@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from pipeline.storage import StorageError, describe_error, open_url
-from train.model import CharGRU, ModelShape
+from charnn.storage import StorageError, describe_error, open_url
+from charnn.model import CharGRU, ModelShape
 
 FORMAT = "charnn.checkpoint/1"
 MODEL_FILE = "model.pt"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.storage import is_local, open_url
+from charnn.storage import is_local, open_url
 
 MAX_GAP = 1 << 20  # bytes of other documents a range read may skip over instead of splitting
 

@@ -9,16 +9,16 @@ import sys
 import time
 from typing import Callable
 
-from jobs.spec import Spec, SpecError, add_spec_arguments, expand_path, spec_from_args
-from pipeline.alphabet import AlphabetError
-from pipeline.build import PipelineError
-from pipeline.layout import LayoutError
-from pipeline.reader import DatasetError
-from pipeline.storage import StorageError, redact
-from train.checkpoint import CheckpointError
-from train.generate import GenerateError
-from train.registry import RegistryBusy, RegistryError
-from train import TrainingError
+from charnn.config import Spec, SpecError, add_spec_arguments, expand_path, spec_from_args
+from charnn.data.alphabet import AlphabetError
+from charnn.data.build import PipelineError
+from charnn.data.layout import LayoutError
+from charnn.data.reader import DatasetError
+from charnn.storage import StorageError, redact
+from charnn.checkpoint import CheckpointError
+from charnn.sample import GenerateError
+from charnn.registry import RegistryBusy, RegistryError
+from charnn.errors import TrainingError
 
 # Errors that the user can fix: one line on stderr and exit 2, no traceback.
 class ClusterError(RuntimeError):
@@ -112,7 +112,8 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # `ray job stop` sends SIGTERM: unwind, so leases and temp files are released
 
 
-def main(run: Callable[[], dict | None]) -> None:
+def execute(run: Callable[[], dict | None]) -> None:
+    """Run a command: one-line errors and their exit codes, the JSON result line last."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))

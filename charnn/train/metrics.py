@@ -11,7 +11,7 @@ import math
 import tempfile
 from typing import Any
 
-from pipeline.storage import is_local, join, open_url, write_bytes_atomic
+from charnn.storage import is_local, join, open_url, write_bytes_atomic
 
 
 class RunLog:

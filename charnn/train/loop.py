@@ -20,18 +20,19 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from jobs.spec import Spec, dump_spec, spec_from_dict
-from pipeline.alphabet import alphabet_size
-from pipeline.reader import SplitReader, load_manifest
-from pipeline.storage import StorageError, is_local, join, open_url
-from train import checkpoint as ckpt
-from train.carry import epoch_of, next_epoch_states
-from train.faults import inject
-from train.generate import GenerateOptions, sample_text
-from train.metrics import RunLog
-from train.model import CharGRU, ModelShape
-from train.optim import make_optimizer
-from train.step import all_sum, distributed, evaluate, to_batch, train_step
+from charnn.config import Spec, dump_spec, spec_from_dict
+from charnn.data.alphabet import alphabet_size
+from charnn.data.reader import SplitReader
+from charnn.data.dataset import load_manifest
+from charnn.storage import StorageError, is_local, join, open_url
+from charnn import checkpoint as ckpt
+from charnn.train.carry import epoch_of, next_epoch_states
+from charnn.train.faults import inject
+from charnn.sample import GenerateOptions, sample_text
+from charnn.train.metrics import RunLog
+from charnn.model import CharGRU, ModelShape
+from charnn.train.optim import make_optimizer
+from charnn.train.step import all_sum, distributed, evaluate, to_batch, train_step
 
 
 def say(message: str) -> None:

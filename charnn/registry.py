@@ -66,9 +66,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.storage import (StorageError, create_exclusive, describe_error, is_local, is_s3, join, open_url,
+from charnn.storage import (StorageError, create_exclusive, describe_error, is_local, is_s3, join, open_url,
                               read_tagged, replace_if_match, write_bytes_atomic)
-from train.checkpoint import MODEL_FILE
+from charnn.checkpoint import MODEL_FILE
 
 POINTER = "published.json"
 VERSION_FILE = "version.json"

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
-from pipeline.dataset import DatasetError, Manifest, Shard, load_manifest  # noqa: F401 - load_manifest re-exported
-from pipeline.layout import worker_rows
-from pipeline.storage import join, open_url
+from charnn.data.dataset import DatasetError, Manifest, Shard
+from charnn.data.layout import worker_rows
+from charnn.storage import join, open_url
 
 
 @dataclass

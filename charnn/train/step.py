@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from pipeline.reader import SplitReader, load_manifest
-from train import checkpoint as ckpt
-from train.model import CharGRU
+from charnn.data.reader import SplitReader
+from charnn.data.dataset import load_manifest
+from charnn import checkpoint as ckpt
+from charnn.model import CharGRU
 
 
 def distributed() -> bool:
@@ -40,7 +41,7 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-STEP_REGIONS = ("forward", "backward", "clip", "optimizer")  # labelled for the profiler (bench/profile.py)
+STEP_REGIONS = ("forward", "backward", "clip", "optimizer")  # labelled for the profiler (bench/step_profile.py)
 
 
 def train_step(model, optimizer, scheduler, x, y, states, grad_clip: float, device):

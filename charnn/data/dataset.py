@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
-from pipeline.storage import join, open_atomic, open_url, write_bytes_atomic
+from charnn.storage import join, open_atomic, open_url, write_bytes_atomic
 
 FORMAT = "charnn.rows/2"
 READABLE = ("charnn.rows/1", FORMAT)

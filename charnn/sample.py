@@ -7,8 +7,8 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline.alphabet import alphabet_size, decode, encode_text
-from train.checkpoint import load_model
+from charnn.data.alphabet import alphabet_size, decode, encode_text
+from charnn.checkpoint import load_model
 
 log = logging.getLogger("charnn.generate")
 

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import s3
-from pipeline.corpora import corpus_path
-from pipeline.storage import StorageError, describe_error, is_local, open_url, protocol
+from charnn.data import s3
+from charnn.data.corpora import corpus_path
+from charnn.storage import StorageError, describe_error, is_local, open_url, protocol
 
 GLOB_CHARS = "*?["
 SPLIT_RULE = "sha256(key) < val_fraction; else the smallest hash; one document: its tail"

@@ -30,7 +30,7 @@ class SpecError(ValueError):
     """A spec problem; the message is always a single line, with credentials masked."""
 
     def __init__(self, message: str):
-        from pipeline.storage import redact
+        from charnn.storage import redact
 
         # Values and paths can carry newlines, NULs and terminal escapes; log lines and CLI
         # errors must stay one printable line.
@@ -162,7 +162,7 @@ _brief = _BriefRepr()
 def _masked(v: Any) -> Any:
     """A value for an error message: credentials masked before repr cuts it short (a URL cut
     inside its password would no longer be recognisable as one)."""
-    from pipeline.storage import redact
+    from charnn.storage import redact
 
     if isinstance(v, str):
         return redact(v)
@@ -218,7 +218,7 @@ def _check_rules(dotted: str, v: Any, rules: dict, origin: str) -> None:
         elif rule == "noblank":
             ok, need = all(s.strip() for s in v) == arg, "have no blank entries"
         elif rule == "nocredentials":  # Ray records what its workers receive (train_loop_config)
-            from pipeline.storage import redact
+            from charnn.storage import redact
 
             ok = v is None or (redact(v) == v) == arg
             need = ("not carry credentials (Ray's workers receive this value; give credentials through the "
@@ -353,7 +353,7 @@ def redacted_dict(spec: Spec) -> dict:
     """``spec_to_dict`` with the credentials in its values masked: what may leave the driver
     (Ray records train_loop_config and serves it on its dashboard).  It is still a valid spec, and
     its dump is the spec's own; workers never need data.sources, the only key that may hold any."""
-    from pipeline.storage import redact
+    from charnn.storage import redact
 
     return _map_strings(spec_to_dict(spec), redact)
 
@@ -361,7 +361,7 @@ def redacted_dict(spec: Spec) -> dict:
 def dump_spec(spec: Spec) -> str:
     """The resolved spec as YAML, for the records: credentials masked, each `$` written `$$` so that
     load_spec reads the file back as the spec that ran."""
-    from pipeline.storage import redact
+    from charnn.storage import redact
 
     tree = _map_strings(redacted_dict(spec), lambda v: v.replace("$", "$$"))
     return redact(yaml.dump(tree, Dumper=_Dumper, sort_keys=False))
@@ -539,7 +539,7 @@ def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str, done: 
 
 
 def _set_origin(text: str) -> str:
-    from pipeline.storage import redact
+    from charnn.storage import redact
 
     text = redact(text)  # before it is cut short, which could leave half a password unrecognisable
     return f"--set {text if len(text) <= 80 else text[:77] + '...'}"

@@ -16,7 +16,6 @@ the end of its read is an error: its listed version and size are checked before 
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import gzip
 import hashlib
@@ -33,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import s3
-from pipeline.alphabet import StreamEncoder, encode_bytes
-from pipeline.sources import store_version
-from pipeline.storage import (describe_error, is_local, join, open_atomic, open_url, protocol, redact, redact_urls,
+from charnn.data import s3
+from charnn.data.alphabet import StreamEncoder, encode_bytes
+from charnn.data.sources import store_version
+from charnn.storage import (describe_error, is_local, join, open_atomic, open_url, protocol, redact, redact_urls,
                               s3_refusal)
 
 CACHE_VERSION = "v2"

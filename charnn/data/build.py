@@ -22,14 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.alphabet import alphabet_size
-from pipeline.cache import FIGURES, RESULT, cache_url, encode_group, load_index, lookup
-from pipeline.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
+from charnn.data.alphabet import alphabet_size
+from charnn.data.cache import FIGURES, RESULT, cache_url, encode_group, load_index, lookup
+from charnn.data.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
                               write_shard_file, write_sources)
-from pipeline.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
-from pipeline.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array
-from pipeline.storage import describe_error, join, open_atomic, open_url, redact, redact_urls
-from pipeline.stream import BlobReader, Stream
+from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
+from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array
+from charnn.storage import describe_error, join, open_atomic, open_url, redact, redact_urls
+from charnn.data.stream import BlobReader, Stream
 
 GROUP_BYTES = 128 * 2**20  # an encode task's cost, at most (a single larger document is a task of its own)
 GROUP_MIN_BYTES = 4 * 2**20  # ... and at least, unless the corpus costs less

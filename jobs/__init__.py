@@ -1,1 +1,0 @@
-"""Entry points and the job spec tree."""

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from charnn.storage import StorageError, describe_error, open_url
+from charnn.errors import UserError
+from charnn.storage import StorageError, Store, describe_error
 from charnn.model import CharGRU, ModelShape
 
 FORMAT = "charnn.checkpoint/1"
@@ -34,7 +35,7 @@ READ_ATTEMPTS = 3  # a checkpoint store that cannot be read is asked again this 
 log = logging.getLogger("charnn.checkpoint")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or does not fit the spec."""
 
 
@@ -75,10 +76,10 @@ def checkpoint_step_order(name: str) -> tuple:
     return (1, int(match.group(1)), name) if match else (0, 0, name)
 
 
-def checkpoint_problem(url: str, storage: Any = None) -> str | None:
+def checkpoint_problem(url: str, store: Store = Store()) -> str | None:
     """Why the checkpoint at ``url`` (a directory or storage URL) is damaged, or None if it is
     whole.  A store that cannot be read raises: that is not damage, and the caller retries."""
-    fs, path = open_url(url, storage)
+    fs, path = store.fs(url)
     fs.invalidate_cache()
     present = {_basename(p) for p in fs.ls(path, detail=False)}
     sums = sorted(n for n in present if n.startswith("checksums-rank"))
@@ -189,11 +190,11 @@ def load_rng_file(directory: str, rank: int) -> dict | None:
     return _load(path) if os.path.exists(path) else None
 
 
-def latest_checkpoint(run_url: str, storage: Any = None) -> str | None:
+def latest_checkpoint(run_url: str, store: Store = Store()) -> str | None:
     """URL of a run's newest good checkpoint (the highest step), if any.  Damaged ones are
     skipped with a warning; a store that cannot be read is retried, never taken for damage."""
     def names():
-        fs, path = open_url(run_url, storage)
+        fs, path = store.fs(run_url)
         fs.invalidate_cache()
         if not fs.exists(path):
             return []
@@ -201,25 +202,17 @@ def latest_checkpoint(run_url: str, storage: Any = None) -> str | None:
                       key=checkpoint_step_order)
     for name in reversed([n for n in _retried("list the checkpoints of", run_url, names) if n.startswith("checkpoint_")]):
         url = run_url.rstrip("/") + "/" + name
-        problem = _retried("check checkpoint", url, lambda: checkpoint_problem(url, storage))
+        problem = _retried("check checkpoint", url, lambda: checkpoint_problem(url, store))
         if problem is None:
             return url
         log.warning("skipping checkpoint %s: %s", url, problem)
     return None
 
 
-def copy_checkpoint(url: str, directory: str, storage: Any = None) -> None:
-    """Download a (flat) checkpoint directory from any storage URL."""
-    fs, path = open_url(url, storage)
-    for remote in fs.ls(path, detail=False):
-        with open(os.path.join(directory, remote.rstrip("/").rsplit("/", 1)[-1]), "wb") as f:
-            f.write(fs.cat_file(remote))
-
-
-def load_payload(url: str, storage: Any = None) -> dict:
+def load_payload(url: str, store: Store = Store()) -> dict:
     """The contents of a checkpoint's model.pt at any storage URL, tensors on the CPU."""
     try:
-        fs, path = open_url(url.rstrip("/") + "/" + MODEL_FILE, storage)
+        fs, path = store.fs(url.rstrip("/") + "/" + MODEL_FILE)
         if not fs.exists(path):
             raise CheckpointError(f"no checkpoint at {url} ({MODEL_FILE} not found); check the URL")
         data = fs.cat_file(path)
@@ -236,9 +229,9 @@ def load_payload(url: str, storage: Any = None) -> dict:
     return payload
 
 
-def load_model(url: str, storage: Any = None) -> tuple[CharGRU, dict]:
+def load_model(url: str, store: Store = Store()) -> tuple[CharGRU, dict]:
     """The model of a checkpoint at any storage URL, on the CPU, in eval mode."""
-    payload = load_payload(url, storage)
+    payload = load_payload(url, store)
     model = CharGRU(saved_shape(payload, url))
     model.load_state_dict(payload["model"])
     return model.eval(), payload
@@ -269,13 +262,13 @@ def resume_differences(payload: dict, stream: str, settings: dict) -> list[str]:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def set_aside_unusable_ray_snapshot(run_url: str, storage: Any = None) -> None:
+def set_aside_unusable_ray_snapshot(run_url: str, store: Store = Store()) -> None:
     """Move Ray Train's record of a run aside when Ray could not load it (not JSON, another Ray
     version, a checkpoint it names is gone): Ray would refuse to start, and advise deleting the
     whole run.  Nothing is lost: the workers resume from the run directory's own checkpoints."""
     from importlib.metadata import version
 
-    fs, path = open_url(run_url.rstrip("/") + "/" + RAY_SNAPSHOT, storage)
+    fs, path = store.fs(run_url.rstrip("/") + "/" + RAY_SNAPSHOT)
     try:
         snapshot = json.loads(fs.cat_file(path))
         names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]

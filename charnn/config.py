@@ -10,17 +10,18 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import math
-import operator
 import os
 import re
 import reprlib
 import stat
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import yaml
+from pydantic import (AfterValidator, AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter,
+                      ValidationError)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
@@ -37,111 +38,135 @@ class SpecError(ValueError):
         super().__init__(redact(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message)))
 
 
-def _f(default: Any, **rules: Any) -> Any:
-    """A field whose constraints live in metadata (gt, ge, lt, le, choices, pattern, nonempty)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=rules)
-    return field(default=default, metadata=rules)
+# The sections are pydantic dataclasses: real dataclasses (fields, replace, asdict, ==), validated
+# by pydantic when built.  Strict on purpose: YAML's `yes`/`1.0` should not silently become a bool
+# or an int (an int is a float, though).  Defaults are not validated: data.sources has no valid
+# one, spec_from_dict checks it.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+_SECTION = ConfigDict(extra="forbid")
 
 
-@dataclass
-class DataConfig:
-    # URLs, dirs, globs or "corpus:NAME"; a blank one (an unset shell variable) would list the cwd
-    sources: list[str] = _f([], nonempty=True, noblank=True)
-    alphabet: str = _f("gorner98", choices=("gorner98", "bytes"))
-    seq_len: int = _f(30, gt=0)
-    dataset_root: str = _f("~/.cache/charnn/datasets", nocredentials=True)  # workers get it: see _check_rules
-    val_fraction: float = _f(0.1, gt=0, lt=1)
-    shard_mb: int = _f(64, gt=0)
+def _rule(need: str, ok: Callable[[Any], bool]) -> AfterValidator:
+    """A constraint with no pydantic keyword; `need` completes "<key> must ..."."""
+    def check(v: Any) -> Any:
+        if not ok(v):
+            raise PydanticCustomError("spec_rule", "must {need}", {"need": need, "got": v})
+        return v
+    return AfterValidator(check)
 
 
-@dataclass
-class ModelConfig:
-    cell_size: int = _f(512, gt=0)
-    layers: int = _f(3, gt=0)
-    dropout: float = _f(0.2, ge=0, lt=1)
-    embedding: int = _f(0, ge=0)  # 0 means one-hot input
+def _no_credentials(v: Optional[str]) -> bool:
+    from charnn.storage import redact
+
+    return v is None or redact(v) == v
 
 
-@dataclass
-class TrainConfig:
-    batch_per_worker: int = _f(200, gt=0)
-    steps: int = _f(0, ge=0)  # 0 means use epochs
-    epochs: int = _f(10, gt=0)
-    lr: float = _f(0.001, gt=0)
-    seed: int = 0
-    warmup_steps: int = _f(0, ge=0)
-    schedule: str = _f("constant", choices=("constant", "cosine", "step"))
-    min_lr_ratio: float = _f(0.1, ge=0, le=1)
-    grad_clip: float = _f(0.0, ge=0)  # 0 means off
-    epoch_state: str = _f("roll", choices=("roll", "reset"))
-    log_every: int = _f(50, gt=0)
-    validate_every: int = _f(0, ge=0)  # 0 means only at the end
-    checkpoint_every: int = _f(500, ge=0)  # 0 means only at the end
-    sample_every: int = _f(0, ge=0)
-    sample_length: int = _f(200, gt=0)
-    num_to_keep: int = _f(3, gt=0)
-
-
-@dataclass
-class ClusterConfig:
-    num_workers: int = _f(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: int = _f(1, gt=0)
-    max_failures: int = _f(0, ge=0)
-    resource_timeout_s: int = _f(600, ge=0)  # how long a remote (autoscaling) cluster may take to offer the workers
-
-
+# Ray records what its workers receive (train_loop_config): these values reach the workers.
+_NoCredentials = _rule("not carry credentials (Ray's workers receive this value; give credentials through the "
+                       "environment, see README \"Security\")", _no_credentials)
+# URLs, dirs, globs or "corpus:NAME"; a blank one (an unset shell variable) would list the cwd.
+_Sources = Annotated[list[Str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v), Field(min_length=1),
+                     _rule("have no blank entries", lambda v: all(s.strip() for s in v))]
 # Names become storage path segments: ".", ".." and hidden names would point elsewhere.
-_NAME = {"pattern": r"[A-Za-z0-9._-]+", "not_start": "."}
+_Name = Annotated[Str, Field(pattern=r"^[A-Za-z0-9._-]+$"), _rule("not start with '.'", lambda v: not v.startswith("."))]
 
 
-@dataclass
+@dataclass(config=_SECTION)
+class DataConfig:
+    sources: _Sources = Field(default_factory=list)
+    alphabet: Literal["gorner98", "bytes"] = "gorner98"
+    seq_len: Int = Field(30, gt=0)
+    dataset_root: Annotated[Str, _NoCredentials] = "~/.cache/charnn/datasets"
+    val_fraction: Float = Field(0.1, gt=0, lt=1)
+    shard_mb: Int = Field(64, gt=0)
+
+
+@dataclass(config=_SECTION)
+class ModelConfig:
+    cell_size: Int = Field(512, gt=0)
+    layers: Int = Field(3, gt=0)
+    dropout: Float = Field(0.2, ge=0, lt=1)
+    embedding: Int = Field(0, ge=0)  # 0 means one-hot input
+
+
+@dataclass(config=_SECTION)
+class TrainConfig:
+    batch_per_worker: Int = Field(200, gt=0)
+    steps: Int = Field(0, ge=0)  # 0 means use epochs
+    epochs: Int = Field(10, gt=0)
+    lr: Float = Field(0.001, gt=0)
+    seed: Int = 0
+    warmup_steps: Int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
+    grad_clip: Float = Field(0.0, ge=0)  # 0 means off
+    epoch_state: Literal["roll", "reset"] = "roll"
+    log_every: Int = Field(50, gt=0)
+    validate_every: Int = Field(0, ge=0)  # 0 means only at the end
+    checkpoint_every: Int = Field(500, ge=0)  # 0 means only at the end
+    sample_every: Int = Field(0, ge=0)
+    sample_length: Int = Field(200, gt=0)
+    num_to_keep: Int = Field(3, gt=0)
+
+
+@dataclass(config=_SECTION)
+class ClusterConfig:
+    num_workers: Int = Field(1, gt=0)
+    use_gpu: Bool = False
+    cpus_per_worker: Int = Field(1, gt=0)
+    max_failures: Int = Field(0, ge=0)
+    resource_timeout_s: Int = Field(600, ge=0)  # how long a remote (autoscaling) cluster may take to offer the workers
+
+
+@dataclass(config=_SECTION)
 class RunConfig:
-    name: str = _f("charnn", **_NAME)
-    storage: str = _f("~/charnn/runs", nocredentials=True)  # root URL or path for runs, checkpoints, models
+    name: _Name = "charnn"
+    storage: Annotated[Str, _NoCredentials] = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
     # A run resumes only on the same data and training settings ("check"); "force" resumes
     # anyway, keeping the checkpoint's optimiser, schedule and position in the data.
-    resume: str = _f("check", choices=("check", "force"))
+    resume: Literal["check", "force"] = "check"
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class RetrainConfig:
-    model: str = _f("charnn", **_NAME)  # registry name: <run.storage>/models/<model>/
-    steps: int = _f(500, gt=0)  # fine-tuning steps from the published model
-    min_improvement: float = _f(0.0, ge=0)  # nats/char the candidate must gain on validation
-    lease_minutes: float = _f(30.0, gt=0)  # a writer that dies blocks others this long at most
+    model: _Name = "charnn"  # registry name: <run.storage>/models/<model>/
+    steps: Int = Field(500, gt=0)  # fine-tuning steps from the published model
+    min_improvement: Float = Field(0.0, ge=0)  # nats/char the candidate must gain on validation
+    lease_minutes: Float = Field(30.0, gt=0)  # a writer that dies blocks others this long at most
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class StorageConfig:
-    endpoint_url: Optional[str] = _f(None, nocredentials=True)  # S3-compatible endpoint override (MinIO, moto)
-    region: Optional[str] = None
-    anon: bool = False
-    max_attempts: int = _f(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
+    endpoint_url: Annotated[Optional[Str], _NoCredentials] = None  # S3-compatible endpoint override (MinIO, moto)
+    region: Optional[Str] = None
+    anon: Bool = False
+    max_attempts: Int = Field(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class Spec:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    retrain: RetrainConfig = field(default_factory=RetrainConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Spec)
-_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="),
-           "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
-_BAD = object()
+_SPEC = TypeAdapter(Spec)
 
 
 @functools.cache
-def _fields(cls: type) -> dict[str, tuple[Any, dict]]:
+def _fields(cls: type) -> dict[str, Any]:
+    """Each field's plain type (Strict and constraints stripped): int, float, bool, str, Optional[str],
+    list[str] or a Literal of choices."""
     hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 class _BriefRepr(reprlib.Repr):
@@ -176,63 +201,66 @@ def _show(v: Any) -> str:
     return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
 
 
-def _coerce(hint: Any, v: Any) -> Any:
-    """Return v as the hinted type, or _BAD. Strict on purpose: YAML's `yes`/`1.0` should not
-    silently become a bool or an int."""
-    if hint is int:
-        return v if isinstance(v, int) and not isinstance(v, bool) else _BAD
-    if hint is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return _BAD
-        try:
-            v = float(v)
-        except OverflowError:
-            return _BAD
-        return v if math.isfinite(v) else _BAD
-    if hint is bool or hint is str:
-        return v if type(v) is hint else _BAD
-    if hint == Optional[str]:
-        return v if v is None or isinstance(v, str) else _BAD
-    if hint == list[str]:
-        if isinstance(v, str):
-            return [v]
-        return list(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else _BAD
-    raise TypeError(f"unsupported spec field type {hint!r}")
-
-
 _TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str",
                Optional[str]: "a str or null", list[str]: "a str or a list of str"}
-
-
-def _check_rules(dotted: str, v: Any, rules: dict, origin: str) -> None:
-    for rule, arg in rules.items():
-        if rule in _BOUNDS:
-            op, sym = _BOUNDS[rule]
-            ok, need = op(v, arg), f"be {sym} {arg}"
-        elif rule == "choices":
-            ok, need = v in arg, f"be one of {', '.join(arg)}"
-        elif rule == "pattern":
-            ok, need = re.fullmatch(arg, v) is not None, f"match {arg}"
-        elif rule == "not_start":
-            ok, need = not v.startswith(arg), f"not start with {arg!r}"
-        elif rule == "noblank":
-            ok, need = all(s.strip() for s in v) == arg, "have no blank entries"
-        elif rule == "nocredentials":  # Ray records what its workers receive (train_loop_config)
-            from charnn.storage import redact
-
-            ok = v is None or (redact(v) == v) == arg
-            need = ("not carry credentials (Ray's workers receive this value; give credentials through the "
-                    "environment, see README \"Security\")")
-        else:  # nonempty
-            ok, need = bool(v) == arg, "be non-empty"
-        if not ok:
-            raise SpecError(f"{dotted} must {need}, got {_brief.repr(_masked(v))} (in {origin})")
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
 
 
 def _unknown(origin: str, what: str, name: Any, prefix: str, valid: Sequence[str]) -> SpecError:
-    close = difflib.get_close_matches(str(name), valid, n=1)
+    name = name if isinstance(name, str) else _brief.repr(name)  # YAML keys can be ints, bools, null
+    close = difflib.get_close_matches(name, valid, n=1)
     hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid: {', '.join(valid)}"
     return SpecError(f"{origin}: unknown {what} '{prefix}{name}' ({hint})")
+
+
+def _need(error: dict, hint: Any) -> Optional[str]:
+    """What a failed constraint asks of a value ("be > 0"), or None for a wrong type."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind in _BOUNDS:
+        bound = ctx[_BOUNDS[kind][0]]  # pydantic gives a float field's bounds as floats: 0 reads better
+        return f"be {_BOUNDS[kind][1]} {int(bound) if float(bound).is_integer() else bound}"
+    if kind == "literal_error":
+        return f"be one of {', '.join(typing.get_args(hint))}"
+    return {"too_short": "be non-empty", "spec_rule": ctx.get("need"),
+            "string_pattern_mismatch": f"match {ctx.get('pattern', '').removeprefix('^').removesuffix('$')}"
+            }.get(kind)
+
+
+def _position(tree: dict, loc: tuple) -> tuple[int, int]:
+    """Where a ValidationError's location is in the tree: the first one in it is the one reported."""
+    body = tree[loc[0]]
+    return list(tree).index(loc[0]), list(body).index(loc[1]) if len(loc) > 1 else -1
+
+
+def _translate(e: ValidationError, tree: dict, origin: str) -> SpecError:
+    """The one-line SpecError for pydantic's first error in the tree's order."""
+    error = min(e.errors(include_url=False, include_input=False),  # input: str() of a huge int fails
+                key=lambda err: _position(tree, err["loc"]))
+    loc, kind = error["loc"], error["type"]
+    section = loc[0]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        if len(loc) == 1:
+            return _unknown(origin, "section", section, "", list(_SECTIONS))
+        return _unknown(origin, "key", loc[1], f"{section}.", list(_fields(_SECTIONS[section])))
+    if len(loc) == 1:
+        return SpecError(f"{origin}: {section} must be a mapping of keys, got {_show(tree[section])}")
+    dotted, hint, v = f"{section}.{loc[1]}", _fields(_SECTIONS[section])[loc[1]], tree[section][loc[1]]
+    need = _need(error, hint) if isinstance(v, str) or kind != "literal_error" else None
+    if need is None:
+        need = _TYPE_NAMES.get(hint, "a str")  # a Literal of choices is a str
+        if hint is float and type(v) in (int, float):  # inf, nan, or an int too big
+            need += " (finite)"
+        return SpecError(f"{origin}: {dotted} must be {need}, got {_show(v)}")
+    got = error.get("ctx", {}).get("got", float(v) if hint is float else v)  # an int given for a float
+    return SpecError(f"{dotted} must {need}, got {_brief.repr(_masked(got))} (in {origin})")
+
+
+def _validate(tree: dict, origin: str) -> Spec:
+    try:
+        return _SPEC.validate_python(tree)
+    except ValidationError as e:
+        raise _translate(e, tree, origin) from None
 
 
 # ${NAME} in a spec's string values is the environment variable NAME, so that a secret need not be
@@ -283,49 +311,52 @@ def _unhide(v: Any) -> Any:
     return v
 
 
+def _prepare(d: Any, origin: str, expand: bool) -> dict:
+    """The tree as pydantic is to see it: `train:` with nothing under it is {}, a key that is not a
+    string (YAML's `on:` or `1:`) is unknown, and with ``expand`` the ${NAME} references in the
+    values of string keys are replaced by the environment's values."""
+    if not isinstance(d, dict):
+        raise SpecError(f"{origin}: top level must be a mapping of sections, got {_show(d)}")
+    tree = {}
+    for section, body in d.items():
+        if not isinstance(section, str):
+            raise _unknown(origin, "section", section, "", list(_SECTIONS))
+        tree[section] = body = {} if body is None else body
+        hints = _fields(_SECTIONS[section]) if section in _SECTIONS and isinstance(body, dict) else {}
+        for key in body if hints else ():
+            if not isinstance(key, str):
+                raise _unknown(origin, "key", key, f"{section}.", list(hints))
+        if hints and expand:
+            tree[section] = {key: _expand_value(v, hints.get(key), f"{section}.{key}", origin)
+                             for key, v in body.items()}
+    return tree
+
+
+def _expand_value(v: Any, hint: Any, dotted: str, origin: str) -> Any:
+    """``v`` with its ${NAME} references expanded if it is a string key's value of the right type;
+    anything else is left for pydantic to refuse."""
+    if hint not in _STRING_HINTS and typing.get_origin(hint) is not Literal:
+        return v
+    if isinstance(v, str):
+        return _expand_env(v, dotted, origin)
+    if hint == list[str] and isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return [_expand_env(x, dotted, origin) for x in v]
+    return v
+
+
 def _convert_tree(d: Any, origin: str, expand: bool = False) -> dict[str, dict[str, Any]]:
     """Type-check and coerce a partial {section: {key: value}} tree; absent keys stay absent.
     ``expand``: string values' ${NAME} references are replaced by the environment's values."""
-    if not isinstance(d, dict):
-        raise SpecError(f"{origin}: top level must be a mapping of sections, got {_show(d)}")
-    out: dict[str, dict[str, Any]] = {}
-    for section, body in d.items():
-        if section not in _SECTIONS:
-            raise _unknown(origin, "section", section, "", list(_SECTIONS))
-        if body is None:  # `train:` with nothing under it
-            body = {}
-        if not isinstance(body, dict):
-            raise SpecError(f"{origin}: {section} must be a mapping of keys, got {_show(body)}")
-        fields = _fields(_SECTIONS[section])
-        conv = out[section] = {}
-        for key, v in body.items():
-            if key not in fields:
-                raise _unknown(origin, "key", key, f"{section}.", list(fields))
-            hint, rules = fields[key]
-            value = _coerce(hint, v)
-            if value is _BAD:
-                need = _TYPE_NAMES[hint]
-                if hint is float and type(v) in (int, float):  # inf, nan, or an int too big
-                    need += " (finite)"
-                raise SpecError(f"{origin}: {section}.{key} must be {need}, got {_show(v)}")
-            if expand and hint in _STRING_HINTS and value is not None:
-                dotted = f"{section}.{key}"
-                value = ([_expand_env(x, dotted, origin) for x in value] if isinstance(value, list)
-                         else _expand_env(value, dotted, origin))
-            _check_rules(f"{section}.{key}", value, rules, origin)
-            conv[key] = value
-    return out
+    tree = _prepare(d, origin, expand)
+    spec = _validate(tree, origin)  # absent keys take defaults, which pydantic does not check
+    return {section: {key: getattr(getattr(spec, section), key) for key in body} for section, body in tree.items()}
 
 
 def spec_from_dict(d: dict, origin: str = "<dict>") -> Spec:
     """Build and validate a Spec from a plain, possibly partial dict; absent keys take defaults."""
     tree = _convert_tree(d, origin)
-    spec = Spec(**{name: cls(**tree.get(name, {})) for name, cls in _SECTIONS.items()})
-    # Defaults are checked too: data.sources has no valid default.
-    for name, cls in _SECTIONS.items():
-        for key, (_, rules) in _fields(cls).items():
-            _check_rules(f"{name}.{key}", getattr(getattr(spec, name), key), rules, origin)
-    return spec
+    # Defaults are checked too, given as values: data.sources has no valid default.
+    return _validate(_merge(spec_to_dict(Spec()), tree), origin)
 
 
 def check_value(dotted: str, value: Any, origin: str) -> Any:

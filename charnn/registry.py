@@ -66,8 +66,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from charnn.storage import (StorageError, create_exclusive, describe_error, is_local, is_s3, join, open_url,
-                              read_tagged, replace_if_match, write_bytes_atomic)
+from charnn.errors import Busy, UserError
+from charnn.storage import (StorageError, Store, create_exclusive, describe_error, is_local, is_s3, join, read_tagged,
+                            replace_if_match, write_bytes_atomic)
 from charnn.checkpoint import MODEL_FILE
 
 POINTER = "published.json"
@@ -79,11 +80,11 @@ DEFAULT_MAX_HOLD_S = 6 * 3600.0  # longer than any retrain should take; shorter 
 log = logging.getLogger("charnn.registry")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError):
     """A registry that cannot be read or written; the message names the object and the fix."""
 
 
-class RegistryBusy(RuntimeError):
+class RegistryBusy(Busy):
     """Another writer holds the model's lease."""
 
 
@@ -92,7 +93,7 @@ class Version:
     name: str  # v0001
     url: str  # the version directory: a loadable checkpoint (model.pt)
     info: dict  # version.json
-    storage: Any = None
+    store: Store = Store()
 
     def sources(self) -> dict[str, str]:
         """{document URL: content identity} of the dataset the version was trained on: its
@@ -100,7 +101,7 @@ class Version:
         inline = self.info.get("dataset", {}).get("sources")
         if inline is not None:
             return {s["url"]: s["identity"] for s in inline}
-        fs, path = open_url(join(self.url, SOURCES_FILE), self.storage)
+        fs, path = self.store.fs(join(self.url, SOURCES_FILE))
         try:
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=["url", "identity"])
@@ -132,11 +133,11 @@ def _fence(pointer: Any) -> int:
 
 
 class ModelRegistry:
-    def __init__(self, url: str, storage: Any = None):
+    def __init__(self, url: str, store: Store = Store()):
         self.url = url.rstrip("/")
-        self.storage = storage
+        self.store = store
         try:
-            self.fs, self.path = open_url(self.url, storage)
+            self.fs, self.path = store.fs(self.url)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot open model registry {describe_error(self.url, exc)}") from None
         self._writes_checked = False  # the self-test of conditional writes, once per registry object
@@ -173,7 +174,7 @@ class ModelRegistry:
         except FileNotFoundError:
             raise RegistryError(f"{self.url}/{POINTER} names version {name}, which has no {VERSION_FILE}; "
                                 f"point {POINTER} at a complete version") from None
-        return Version(name, url, info, self.storage)
+        return Version(name, url, info, self.store)
 
     def versions(self) -> list[str]:
         def names():
@@ -209,7 +210,7 @@ class ModelRegistry:
         then move the pointer to it."""
         existing = [int(n[1:]) for n in self.versions() if n.startswith("v") and n[1:].isdigit()]
         name = f"v{max(existing, default=0) + 1:04d}"
-        src_fs, src_path = open_url(join(checkpoint_url, MODEL_FILE), self.storage)
+        src_fs, src_path = self.store.fs(join(checkpoint_url, MODEL_FILE))
         info = {**info, "version": name, "published_at": time.time()}
 
         def write():
@@ -220,7 +221,7 @@ class ModelRegistry:
             self._create_version_file(name, f"{base}/{VERSION_FILE}", json.dumps(info, indent=1).encode())
             self._move_pointer(name, lease)
         self._guard("publish a model version", write)
-        return Version(name, join(self.url, "versions", name), info, self.storage)
+        return Version(name, join(self.url, "versions", name), info, self.store)
 
     def _create_version_file(self, name: str, path: str, data: bytes) -> None:
         try:
@@ -307,7 +308,7 @@ class ModelRegistry:
         if is_local(self.fs):
             return "the local file system"
         if is_s3(self.fs):
-            endpoint = getattr(self.storage, "endpoint_url", None)
+            endpoint = getattr(self.store, "endpoint_url", None)
             return f"the S3-compatible endpoint {endpoint}" if endpoint else "S3"
         if self._is_gcs():
             return "Google Cloud Storage"

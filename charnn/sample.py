@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
+from charnn.storage import Store
+from charnn.errors import UserError
 from charnn.data.alphabet import alphabet_size, decode, encode_text
 from charnn.checkpoint import load_model
 
 log = logging.getLogger("charnn.generate")
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """A generation option out of range."""
 
 
@@ -48,6 +50,6 @@ def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]
         yield decode([code], alphabet)
 
 
-def stream_text(url: str, options: GenerateOptions, storage: Any = None) -> Iterator[str]:
-    model, payload = load_model(url, storage)
+def stream_text(url: str, options: GenerateOptions, store: Store = Store()) -> Iterator[str]:
+    model, payload = load_model(url, store)
     yield from sample_text(model, payload["alphabet"], options)

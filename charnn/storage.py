@@ -1,7 +1,10 @@
-"""One place that turns a URL (local path, s3://, gs://, any fsspec URL) into a filesystem.
+"""How charnn reaches storage: a ``Store``, made once from the spec's ``storage`` section.
 
-The spec's ``storage`` section carries an S3 endpoint override (MinIO, moto); the
-credentials themselves come from the environment, as boto expects, never from a spec.
+A Store turns a URL (a local path, s3://, gs://, any fsspec URL) into a filesystem for fsspec,
+or for pyarrow where Ray Train wants one; it carries the S3 endpoint override (MinIO, moto)
+and how patiently S3 requests are retried.  Credentials never live here: they come from the
+environment, as boto expects.  Below the Store: the writes the rest of charnn relies on
+(atomic, exclusive, compare-and-swap), and the masking of credentials in what it prints.
 """
 from __future__ import annotations
 
@@ -9,50 +12,123 @@ import contextlib
 import hashlib
 import os
 import re
+import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec
 import fsspec.asyn
 
+from charnn.errors import UserError
 
 # Attempts per S3 request when the spec says nothing: standard mode backs off exponentially
 # (up to 20 s), so an endpoint that is away for tens of seconds costs a pause, not the run.
 S3_ATTEMPTS = 10
 
 
-def s3_attempts(storage: Any | None) -> int:
-    return getattr(storage, "max_attempts", None) or S3_ATTEMPTS
-
-
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """A URL that cannot be reached, listed or written."""
 
 
-def fsspec_options(url: str, storage: Any | None) -> dict:
-    """Keyword arguments for fsspec's filesystem behind ``url``."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in ("s3", "s3a"):
-        options: dict = {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": s3_attempts(storage), "mode": "standard"}}}
-        if storage is not None:
-            if storage.endpoint_url:
-                options["endpoint_url"] = storage.endpoint_url
-            if storage.region:
-                options["client_kwargs"] = {"region_name": storage.region}
-            if storage.anon:
+@dataclass(frozen=True)
+class Store:
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+    max_attempts: int = S3_ATTEMPTS
+
+    @classmethod
+    def of(cls, config: Any = None) -> "Store":
+        """The Store for a spec's ``storage`` section (or a Store, or None: the defaults)."""
+        if isinstance(config, Store):
+            return config
+        if config is None:
+            return cls()
+        return cls(config.endpoint_url, config.region, config.anon, config.max_attempts or S3_ATTEMPTS)
+
+    def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """(filesystem, path) for ``url``; ``~`` is expanded for local paths."""
+        if "://" not in url:
+            url = os.path.abspath(os.path.expanduser(url))
+        return fsspec.core.url_to_fs(url, **self._fsspec_options(url))
+
+    def _fsspec_options(self, url: str) -> dict:
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        if scheme in ("s3", "s3a"):
+            options: dict = {"config_kwargs": {"connect_timeout": 5,
+                                               "retries": {"max_attempts": self.max_attempts, "mode": "standard"}}}
+            if self.endpoint_url:
+                options["endpoint_url"] = self.endpoint_url
+            if self.region:
+                options["client_kwargs"] = {"region_name": self.region}
+            if self.anon:
                 options["anon"] = True
-        return options
-    if protocol in ("gs", "gcs") and storage is not None and storage.anon:
-        return {"token": "anon"}
-    return {}
+            return options
+        return {"token": "anon"} if scheme in ("gs", "gcs") and self.anon else {}
+
+    def for_ray(self, url: str):
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: S3 gets a pyarrow
+        filesystem of its own, for the endpoint override and the same patient retries."""
+        import pyarrow.fs
+
+        if url.startswith(("s3://", "s3a://")):
+            endpoint = self.endpoint_url
+            options = {"endpoint_override": endpoint.split("://", 1)[-1], "region": "us-east-1",
+                       "scheme": "https" if endpoint.startswith("https") else "http"} if endpoint else {}
+            if self.region:
+                options["region"] = self.region
+            retries = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts)
+            return url.split("://", 1)[1], pyarrow.fs.S3FileSystem(anonymous=self.anon, retry_strategy=retries,
+                                                                    **options)
+        return (os.path.abspath(os.path.expanduser(url)), None) if "://" not in url else (url, None)
+
+    def read(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        fs, path = self.fs(url)
+        return fs.cat_file(path, start=start, end=end)
+
+    def exists(self, url: str) -> bool:
+        fs, path = self.fs(url)
+        fs.invalidate_cache(path)
+        return fs.exists(path)
+
+    def write(self, url: str, data: bytes, durable: bool = True) -> None:
+        """``data`` at ``url``, seen whole or not at all (see ``open_atomic``)."""
+        fs, path = self.fs(url)
+        write_bytes_atomic(fs, path, data, durable)
+
+    @contextlib.contextmanager
+    def open_atomic(self, url: str, durable: bool = True) -> Iterator[Any]:
+        fs, path = self.fs(url)
+        with open_atomic(fs, path, durable) as f:
+            yield f
+
+    def names(self, url: str, directories: bool = False) -> list[str]:
+        """The names in the directory ``url`` (its subdirectories', with ``directories``), sorted."""
+        fs, path = self.fs(url)
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=True)
+        return sorted(basename(e["name"]) for e in entries if (e["type"] == "directory") == directories)
+
+    @contextlib.contextmanager
+    def local_dir(self, url: str) -> Iterator[str]:
+        """A local directory holding the (flat) directory at ``url``: itself, or a copy."""
+        fs, path = self.fs(url)
+        if is_local(fs):
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="charnn-copy-") as local:
+            for remote in fs.ls(path, detail=False):
+                with open(os.path.join(local, basename(remote)), "wb") as f:
+                    f.write(fs.cat_file(remote))
+            yield local
 
 
-def open_url(url: str, storage: Any | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for ``url``; ``~`` is expanded for local paths."""
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))
-    return fsspec.core.url_to_fs(url, **fsspec_options(url, storage))
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def join(url: str, *parts: str) -> str:

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_corpus
+from support.jobs import write_corpus
 from charnn.data.alphabet import encode
 from charnn.data.build import DatasetRequest, PipelineError, build_dataset
 from charnn.data.reader import SplitReader
 from charnn.data.dataset import load_manifest
-from charnn.storage import StorageError
+from charnn.storage import StorageError, Store
 
 pytestmark = pytest.mark.ray
 
@@ -25,7 +25,7 @@ def expected_stream(manifest, split):
     return np.concatenate([encode(open(d["url"], "rb").read()) for d in sorted(docs, key=lambda d: d["url"])])
 
 
-def read_rows(url, manifest, split, world, storage=None):
+def read_rows(url, manifest, split, world, storage=Store()):
     """Every row of a split, reassembled from the windows each rank reads."""
     rows = []
     for rank in range(world):
@@ -34,7 +34,7 @@ def read_rows(url, manifest, split, world, storage=None):
     return rows
 
 
-def verify_rows(url, storage=None, read=None):
+def verify_rows(url, storage=Store(), read=None):
     """Every row of both splits is its slice of the split's stream, as laid out (the README's contract)."""
     manifest = load_manifest(url, storage)
     sources = manifest.sources(storage).to_pylist()
@@ -129,7 +129,8 @@ def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_pa
     import sys
     import time
 
-    from conftest import LOOPBACK_ENV, REPO, run_job
+    from support.env import LOOPBACK_ENV, REPO
+    from support.jobs import run_job
 
     corpus = tmp_path / "big"
     corpus.mkdir()

@@ -2,28 +2,27 @@
 import gzip
 
 from charnn.data.alphabet import encode
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from conftest import MotoServer, free_port
+from support.servers import MotoServer, free_port
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.reader import SplitReader
 from charnn.data.dataset import load_manifest
-from charnn.config import StorageConfig
+from charnn.storage import Store
 from charnn.storage import StorageError
 
 pytestmark = pytest.mark.ray
 
 
 def storage(endpoint, max_attempts=None):
-    return SimpleNamespace(endpoint_url=endpoint, region=None, anon=False, max_attempts=max_attempts)
+    return Store(endpoint_url=endpoint, **({"max_attempts": max_attempts} if max_attempts else {}))
 
 
 def request(sources, root, endpoint=None, max_attempts=None):
     return DatasetRequest(sources=sources, alphabet="gorner98", seq_len=8, rows=4, workers=2, val_fraction=0.25,
-                          shard_mb=1, dataset_root=root, storage=storage(endpoint, max_attempts))
+                          shard_mb=1, dataset_root=root, store=storage(endpoint, max_attempts))
 
 
 def all_rows(url, endpoint=None):
@@ -87,7 +86,7 @@ def test_missing_bucket_is_one_clear_error(ray_local, tmp_path, moto_s3):
         build_dataset(request(["s3://no-such-bucket/x"], str(tmp_path / "ds"), moto_s3.endpoint))
 
 
-def encode_listed(sources, root, storage=None):
+def encode_listed(sources, root, storage=Store()):
     """The encode task on a listing taken now: what a build does after it lists."""
     from charnn.data.cache import encode_group
     from charnn.data.sources import list_documents
@@ -98,7 +97,7 @@ def encode_listed(sources, root, storage=None):
 
 
 def test_a_source_that_changes_or_vanishes_after_listing_is_an_error(moto_s3, bucket, tmp_path):
-    storage = StorageConfig(endpoint_url=moto_s3.endpoint)
+    storage = Store(endpoint_url=moto_s3.endpoint)
     client = moto_s3.client()
     for name in ("a.txt", "b.txt", "c.txt"):
         client.put_object(Bucket=bucket, Key=f"corpus/{name}", Body=b"To be, or not to be.\n" * 20)
@@ -127,7 +126,7 @@ def test_a_local_source_that_changes_after_listing_is_an_error(tmp_path):
 def test_many_tiny_objects_on_s3_lay_out_as_local_files_do(ray_local, tmp_path, moto_s3, bucket):
     from test_pipeline import verify_rows
 
-    from conftest import write_corpus
+    from support.jobs import write_corpus
 
     corpus = tmp_path / "many"
     for d in range(3):  # over 1,000 keys: S3 lists them in pages

@@ -17,8 +17,7 @@ import fsspec
 import pytest
 import torch
 
-from charnn.config import StorageConfig
-from charnn.storage import fsspec_options
+from charnn.storage import Store
 from charnn.checkpoint import load_model
 from charnn.model import CharGRU, ModelShape
 from charnn.registry import ModelRegistry, RegistryBusy, RegistryError, _create
@@ -51,7 +50,7 @@ def registry(request, tmp_path) -> ModelRegistry:
     moto = request.getfixturevalue("moto_s3")
     name = f"charnn-registry-{time.time_ns()}"
     moto.client().create_bucket(Bucket=name)
-    return ModelRegistry(f"s3://{name}/runs/models/m", StorageConfig(endpoint_url=moto.endpoint))
+    return ModelRegistry(f"s3://{name}/runs/models/m", Store(endpoint_url=moto.endpoint))
 
 
 def _checkpoint(tmp_path, seed: int) -> str:
@@ -80,7 +79,7 @@ def test_publish_moves_the_pointer_to_a_complete_version(registry, tmp_path):
     published = registry.published()
     assert published.name == "v0002" and published.info["version"] == "v0002"
     assert registry.version("v0001").sources() == {"u": "i"}  # a version of before sources.parquet
-    model, _ = load_model(published.url, registry.storage)
+    model, _ = load_model(published.url, registry.store)
     torch.manual_seed(2)
     assert torch.equal(model.head.weight, CharGRU(ModelShape(98, 8, 1)).head.weight)
 
@@ -195,11 +194,11 @@ def pointer(registry: ModelRegistry) -> dict:
 
 
 def open_registry(url: str, endpoint: str | None) -> ModelRegistry:
-    return ModelRegistry(url, StorageConfig(endpoint_url=endpoint) if endpoint else None)
+    return ModelRegistry(url, Store(endpoint_url=endpoint))
 
 
 def endpoint_of(registry: ModelRegistry) -> str | None:
-    return registry.storage.endpoint_url if registry.storage else None
+    return registry.store.endpoint_url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,12 +569,12 @@ def test_version_files_reach_the_disk_before_the_pointer_moves(tmp_path, monkeyp
 def s3_registry(moto_s3) -> ModelRegistry:
     name = f"charnn-registry-{time.time_ns()}"
     moto_s3.client().create_bucket(Bucket=name)
-    return ModelRegistry(f"s3://{name}/runs/models/m", StorageConfig(endpoint_url=moto_s3.endpoint))
+    return ModelRegistry(f"s3://{name}/runs/models/m", Store(endpoint_url=moto_s3.endpoint))
 
 
 def own_client(registry: ModelRegistry):
     """Give the registry an S3 client of its own (fsspec shares one per endpoint), to hook its requests."""
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, **fsspec_options(registry.url, registry.storage))
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **registry.store._fsspec_options(registry.url))
     fs.connect()
     registry.fs = fs
     return fs.s3.meta.events

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FlakyProxy, run_job, train_smoke, write_corpus
-from charnn.config import StorageConfig
+from support.jobs import run_job, train_smoke, write_corpus
+from support.servers import FlakyProxy
+from charnn.storage import Store
 from charnn.checkpoint import CheckpointError, latest_checkpoint, load_model, load_row_states
 
 pytestmark = pytest.mark.ray
@@ -92,7 +93,7 @@ def test_a_store_briefly_unreadable_is_read_again_not_taken_for_damage(root, fin
     for path in checkpoint.iterdir():
         client.upload_file(str(path), bucket, f"runs/r/{checkpoint.name}/{path.name}")
     proxy = FlakyProxy(moto_s3.port).up()
-    storage = StorageConfig(endpoint_url=f"http://127.0.0.1:{proxy.port}", max_attempts=1)  # no botocore retries
+    storage = Store(endpoint_url=f"http://127.0.0.1:{proxy.port}", max_attempts=1)  # no botocore retries
     proxy.down()
     threading.Timer(2.5, proxy.up).start()  # back while the reader waits between attempts
     started = time.monotonic()
@@ -101,7 +102,7 @@ def test_a_store_briefly_unreadable_is_read_again_not_taken_for_damage(root, fin
 
 
 def test_an_unreachable_run_storage_is_one_line(tmp_path):
-    from conftest import free_port
+    from support.servers import free_port
 
     proc, _ = run_job("train.py", "--spec", "jobs/specs/smoke.yaml", "--set", "run.storage=s3://nowhere/runs",
                       "--set", f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "--set", "storage.max_attempts=1",

@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 
-from conftest import REPO, last_json, run_job, write_corpus
-from charnn.config import StorageConfig
+from support.env import REPO
+from support.jobs import last_json, run_job, write_corpus
+from charnn.storage import Store
 from charnn.registry import ModelRegistry, RegistryBusy
 
 pytestmark = pytest.mark.ray
@@ -29,7 +30,7 @@ def world(ray_cluster, moto_s3, tmp_path_factory):
             "--set", f"data.sources=[s3://{bucket}/corpus/]", "--set", f"data.dataset_root=s3://{bucket}/datasets",
             "--set", f"run.storage=s3://{bucket}/runs", "--set", f"storage.endpoint_url={moto_s3.endpoint}",
             "--set", "retrain.model=smoke", "--set", "train.steps=30", "--set", "retrain.steps=30"]
-    registry = ModelRegistry(f"s3://{bucket}/runs/models/smoke", StorageConfig(endpoint_url=moto_s3.endpoint))
+    registry = ModelRegistry(f"s3://{bucket}/runs/models/smoke", Store(endpoint_url=moto_s3.endpoint))
     return {"cluster": ray_cluster, "moto": moto_s3, "bucket": bucket, "args": args, "registry": registry}
 
 

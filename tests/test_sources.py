@@ -12,10 +12,11 @@ import sys
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, write_corpus
+from support.env import REPO
+from support.jobs import write_corpus
 from charnn.data.cache import encode_group, load_index, lookup
 from charnn.data.sources import list_documents
-from charnn.storage import StorageError, open_url
+from charnn.storage import StorageError, Store
 
 ROOT_CAN_READ_ANYTHING = os.geteuid() == 0
 
@@ -117,7 +118,7 @@ def test_a_document_that_changes_while_it_is_read_is_an_error(tmp_path):
     write_corpus(path.parent, 1, 2000)
     os.replace(path.parent / "doc-000.txt", path)
     (doc,) = list_documents([str(path.parent)]).to_pylist()
-    listed = _ListedFile(doc, open_url(doc["url"])[0])
+    listed = _ListedFile(doc, Store().fs(doc["url"])[0])
     first = listed.read(100)
     with open(path, "r+b") as f:  # same size, new content, after the read began
         f.write(b"X" * 10)

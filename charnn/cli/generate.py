@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from charnn.cli.runtime import execute
-from charnn.config import RunConfig, StorageConfig, check_value, expand_path
-from charnn.storage import join
+from charnn.config import RunConfig, check_value, expand_path
+from charnn.storage import Store, join
 from charnn.registry import ModelRegistry, RegistryError
 from charnn.sample import GenerateOptions, stream_text
 
@@ -26,17 +26,17 @@ def run() -> None:
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// checkpoints")
     args = parser.parse_args()
     options = GenerateOptions(args.prime, args.length, args.temperature, args.top_k, args.seed)
-    storage = StorageConfig(endpoint_url=args.endpoint_url)
+    store = Store(endpoint_url=args.endpoint_url)
     url = args.checkpoint
     if args.model is not None:  # "" too must meet the rule
         check_value("retrain.model", args.model, "--model")  # a storage path segment, as in a spec
-        registry = ModelRegistry(join(expand_path(args.storage), "models", args.model), storage)
+        registry = ModelRegistry(join(expand_path(args.storage), "models", args.model), store)
         published = registry.published()
         if published is None:
             raise RegistryError(f"model {args.model!r} has no published version in {registry.url}; "
                                 f"run jobs/retrain.py or check --storage")
         url = published.url
-    for piece in stream_text(url, options, storage):
+    for piece in stream_text(url, options, store):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -26,7 +26,7 @@ from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
 from charnn.config import Spec, dump_spec
 from charnn.data.build import DatasetRequest, build_dataset, listed_documents
 from charnn.data.dataset import load_manifest
-from charnn.storage import join, redact
+from charnn.storage import Store, join, redact
 from charnn.checkpoint import check_compatible, load_payload
 from charnn.train.loop import model_shape, say
 from charnn.registry import SOURCES_FILE, Lease, ModelRegistry, Version
@@ -67,7 +67,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     say(f"charnn.retrain: {len(new)} new or changed and {len(removed)} removed documents since "
         f"{incumbent.name if incumbent else 'the start (nothing published)'}")
     if incumbent:  # fail before any work if the spec no longer fits the published model
-        check_compatible(load_payload(incumbent.url, spec.storage), model_shape(spec, spec.data.alphabet),
+        check_compatible(load_payload(incumbent.url, Store.of(spec.storage)), model_shape(spec, spec.data.alphabet),
                          spec.data.alphabet)
 
     require_workers(spec.cluster, init_ray())
@@ -79,7 +79,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
 
     evaluate = ray.remote(num_cpus=spec.cluster.cpus_per_worker)(evaluate_checkpoints)
     urls = [candidate_url] + ([incumbent.url] if incumbent else [])
-    figures = ray.get(evaluate.remote(urls, dataset, spec.storage))
+    figures = ray.get(evaluate.remote(urls, dataset, Store.of(spec.storage)))
     ours, theirs = figures[0], (figures[1] if incumbent else None)
     result.update(candidate_val_loss=ours["val_loss"], incumbent_val_loss=theirs and theirs["val_loss"],
                   candidate=candidate_url, dataset=dataset)
@@ -89,7 +89,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
     if is_better(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement):
         sources = pa.BufferOutputStream()
-        pq.write_table(load_manifest(dataset, spec.storage).sources(spec.storage).select(["url", "identity"]), sources)
+        pq.write_table(load_manifest(dataset, Store.of(spec.storage)).sources(Store.of(spec.storage)).select(["url", "identity"]), sources)
         version = registry.publish(candidate_url, info, lease, files={SOURCES_FILE: sources.getvalue().to_pybytes()})
         say(f"charnn.retrain: promoted {version.name}: val_loss {ours['val_loss']:.4f} against {versus}")
         return {**result, "action": "promoted", "model_version": version.name}
@@ -101,7 +101,7 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
 
 def run() -> dict:
     spec = job_spec(__doc__)
-    registry = ModelRegistry(join(spec.run.storage, "models", spec.retrain.model), spec.storage)
+    registry = ModelRegistry(join(spec.run.storage, "models", spec.retrain.model), Store.of(spec.storage))
     with registry.lease(spec.retrain.lease_minutes * 60) as lease:
         return retrain(spec, registry, lease)
 

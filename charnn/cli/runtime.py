@@ -10,24 +10,12 @@ import time
 from typing import Callable
 
 from charnn.config import Spec, SpecError, add_spec_arguments, expand_path, spec_from_args
-from charnn.data.alphabet import AlphabetError
-from charnn.data.build import PipelineError
-from charnn.data.layout import LayoutError
-from charnn.data.reader import DatasetError
-from charnn.storage import StorageError, redact
-from charnn.checkpoint import CheckpointError
-from charnn.sample import GenerateError
-from charnn.registry import RegistryBusy, RegistryError
-from charnn.errors import TrainingError
+from charnn.errors import Busy, CharnnError, UserError
+from charnn.storage import redact
 
-# Errors that the user can fix: one line on stderr and exit 2, no traceback.
-class ClusterError(RuntimeError):
+
+class ClusterError(UserError):
     """A cluster that cannot place the spec's workers."""
-
-
-USER_ERRORS = (SpecError, AlphabetError, PipelineError, LayoutError, DatasetError, StorageError, CheckpointError,
-               GenerateError, RegistryError, ClusterError)
-BUSY_EXIT = 75  # EX_TEMPFAIL: another job holds the model registry; a scheduler may simply try later
 
 
 def job_spec(description: str) -> Spec:
@@ -120,15 +108,9 @@ def execute(run: Callable[[], dict | None]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run()
-    except RegistryBusy as exc:
-        print(f"charnn: busy: {redact(str(exc))}", file=sys.stderr, flush=True)
-        sys.exit(BUSY_EXIT)
-    except USER_ERRORS as exc:
-        print(f"charnn: error: {redact(str(exc))}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except TrainingError as exc:
-        print(f"charnn: error: {redact(str(exc))}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except (CharnnError, SpecError) as exc:  # one line, and the exit status its kind decides
+        print(f"charnn: {'busy' if isinstance(exc, Busy) else 'error'}: {redact(str(exc))}", file=sys.stderr, flush=True)
+        sys.exit(getattr(exc, "exit_status", UserError.exit_status))
     except KeyboardInterrupt:
         print("charnn: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -4,13 +4,14 @@
 from charnn.cli.runtime import init_ray, job_spec, execute
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.dataset import load_manifest
+from charnn.storage import Store
 
 
 def run() -> dict:
     spec = job_spec(__doc__)
     init_ray()
     url = build_dataset(DatasetRequest.from_spec(spec))
-    manifest = load_manifest(url, spec.storage)
+    manifest = load_manifest(url, Store.of(spec.storage))
     return {"dataset": url, "documents": manifest.documents,
             **{f"{s}_{k}": getattr(manifest.splits[s], k) for s in ("train", "val") for k in ("rows", "row_length", "tokens")}}
 

@@ -11,7 +11,7 @@ from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
 from charnn.config import dump_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.dataset import load_manifest
-from charnn.storage import StorageError, describe_error, join, open_url, write_bytes_atomic
+from charnn.storage import StorageError, Store, describe_error, join
 from charnn.sample import GenerateOptions, sample_text
 from charnn.checkpoint import check_compatible, latest_checkpoint, load_model, load_payload
 from charnn.train.loop import model_shape
@@ -20,24 +20,23 @@ from charnn.train.launch import check_resume, fit
 
 def run() -> dict:
     spec = job_spec(__doc__)
-    run_url = join(spec.run.storage, spec.run.name)
-    resume_from = latest_checkpoint(run_url, spec.storage)
-    saved = load_payload(resume_from, spec.storage) if resume_from else None
+    run_url, store = join(spec.run.storage, spec.run.name), Store.of(spec.storage)
+    resume_from = latest_checkpoint(run_url, store)
+    saved = load_payload(resume_from, store) if resume_from else None
     if saved:  # fail before any work if the run's checkpoints are of another model or other settings
         check_compatible(saved, model_shape(spec, spec.data.alphabet), spec.data.alphabet)
         check_resume(spec, saved)
     require_workers(spec.cluster, init_ray())
     dataset = build_dataset(DatasetRequest.from_spec(spec))
     if saved:
-        check_resume(spec, saved, load_manifest(dataset, spec.storage))
+        check_resume(spec, saved, load_manifest(dataset, store))
     try:
-        fs, path = open_url(join(run_url, "spec.yaml"), spec.storage)
-        write_bytes_atomic(fs, path, dump_spec(spec).encode())
+        store.write(join(run_url, "spec.yaml"), dump_spec(spec).encode())
     except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
         raise StorageError(f"cannot write the run's spec {describe_error(run_url, exc)}") from None
 
     checkpoint = fit(spec, dataset)
-    model, payload = load_model(checkpoint, spec.storage)
+    model, payload = load_model(checkpoint, store)
     metrics = payload["metrics"]
     sample = "".join(sample_text(model, payload["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=2)))
     print(f"charnn: val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.3f} "

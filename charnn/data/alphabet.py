@@ -11,6 +11,8 @@ import codecs
 
 import numpy as np
 
+from charnn.errors import UserError
+
 ALPHABETS = ("gorner98", "bytes")
 
 _GORNER_TABLE = bytearray(256)  # every byte not listed below is "unknown" (0)
@@ -35,7 +37,7 @@ def _one_nul_per_char(err: UnicodeEncodeError):
 codecs.register_error("charnn.unknown", _one_nul_per_char)
 
 
-class AlphabetError(ValueError):
+class AlphabetError(UserError):
     """An alphabet name or a text that the alphabet cannot take."""
 
 

@@ -16,19 +16,19 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from charnn.errors import UserError
 from charnn.data.alphabet import alphabet_size
 from charnn.data.cache import FIGURES, RESULT, cache_url, encode_group, load_index, lookup
 from charnn.data.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
                               write_shard_file, write_sources)
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array
-from charnn.storage import describe_error, join, open_atomic, open_url, redact, redact_urls
+from charnn.storage import Store, describe_error, join, open_atomic, redact, redact_urls
 from charnn.data.stream import BlobReader, Stream
 
 GROUP_BYTES = 128 * 2**20  # an encode task's cost, at most (a single larger document is a task of its own)
@@ -41,7 +41,7 @@ WARNINGS_SHOWN = 5
 log = logging.getLogger("charnn.pipeline")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError):
     """A dataset that cannot be built; the message names the cause and the fix."""
 
 
@@ -57,7 +57,7 @@ class DatasetRequest:
     val_fraction: float
     shard_mb: int
     dataset_root: str
-    storage: Any = None
+    store: Store = Store()
 
     @classmethod
     def from_spec(cls, spec) -> "DatasetRequest":
@@ -65,15 +65,15 @@ class DatasetRequest:
             sources=list(spec.data.sources), alphabet=spec.data.alphabet, seq_len=spec.data.seq_len,
             rows=spec.cluster.num_workers * spec.train.batch_per_worker, workers=spec.cluster.num_workers,
             val_fraction=spec.data.val_fraction, shard_mb=spec.data.shard_mb,
-            dataset_root=spec.data.dataset_root, storage=spec.storage,
+            dataset_root=spec.data.dataset_root, store=Store.of(spec.storage),
         )
 
 
 def listed_documents(request: DatasetRequest) -> pa.Table:
     """The sources' documents, each with its split and, if the cache has it, its cache entry."""
-    listing = list_documents(request.sources, request.storage)
+    listing = list_documents(request.sources, request.store)
     listing = listing.append_column("split", pa.array(split_array(listing.column("key"), request.val_fraction)))
-    found = lookup(listing, load_index(request.dataset_root, request.alphabet, request.storage))
+    found = lookup(listing, load_index(request.dataset_root, request.alphabet, request.store))
     pa.default_memory_pool().release_unused()
     return found
 
@@ -95,7 +95,7 @@ def _encode(missing: pa.Table, request: DatasetRequest) -> pa.Table:
     import ray
 
     groups = encode_groups(missing, int(ray.cluster_resources().get("CPU", 1)))
-    options = {"root": request.dataset_root, "alphabet": request.alphabet, "storage": request.storage}
+    options = {"root": request.dataset_root, "alphabet": request.alphabet, "store": request.store}
     results = run_tasks(encode_group, [((group,), options) for group in groups], "encoding the documents")
     if not results:
         return RESULT.empty_table().select([*FIGURES, "error"])
@@ -204,17 +204,17 @@ def write_dataset(request: DatasetRequest, documents: pa.Table) -> tuple[str, di
     streams = {split: stream_of(documents, split, request) for split in ("train", "val")}
     layouts = _layouts(request, streams)
     url = join(request.dataset_root, dataset_key(request, documents))
-    fs, manifest_path = open_url(join(url, "manifest.json"), request.storage)
+    fs, manifest_path = request.store.fs(join(url, "manifest.json"))
     if fs.exists(manifest_path):
         log.info("dataset %s exists; reusing it", url)
         return url, None
     fs.makedirs(manifest_path.rsplit("/", 1)[0], exist_ok=True)
     splits = _write_shards(request, streams, layouts, url)
     sources = documents.set_column(documents.schema.get_field_index("url"), "url", redact_urls(documents.column("url")))
-    write_sources(url, sources, request.storage)
+    write_sources(url, sources, request.store)
     manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
                         SPLIT_RULE, request.val_fraction, documents.num_rows, splits)
-    write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.storage)
+    write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.store)
     return url, splits
 
 
@@ -231,7 +231,7 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
                    "steps": [plan.steps.start, plan.steps.stop], "seq_len": layout.seq_len,
                    "row_length": layout.row_length} for plan in plans]
     streams_ref = ray.put(streams)
-    written = run_tasks(write_shard, [((task, streams_ref, request.storage), {}) for task in tasks],
+    written = run_tasks(write_shard, [((task, streams_ref, request.store), {}) for task in tasks],
                         f"writing shards under {url}")
     _raise_first_error([w["error"] for w in written], f"writing shards under {url} failed")
     return splits
@@ -241,15 +241,15 @@ def _shard(plan: ShardPlan, split: str) -> Shard:
     return Shard(plan.name(split), plan.worker, (plan.rows.start, plan.rows.stop), (plan.steps.start, plan.steps.stop))
 
 
-def write_shard(task: dict, streams, storage: Any = None) -> dict:
+def write_shard(task: dict, streams, store: Store = Store()) -> dict:
     """Ray task: cut one worker's step range out of its rows and write it as Arrow IPC."""
     try:
         T, L = task["seq_len"], task["row_length"]
         s0, s1 = task["steps"]
         rows = range(*task["rows"])
-        reader = BlobReader(streams[task["split"]], storage)
+        reader = BlobReader(streams[task["split"]], store)
         segments = [reader.read(r * L + s0 * T, r * L + s1 * T + 1) for r in rows]
-        fs, path = open_url(task["url"], storage)
+        fs, path = store.fs(task["url"])
         with open_atomic(fs, path) as f:  # synced: the manifest will vouch for it
             write_shard_file(f, shard_table(rows, s0 * T, segments))
         return {"url": task["url"], "error": ""}

@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from charnn.errors import UserError
 from charnn.data import s3
 from charnn.data.alphabet import StreamEncoder, encode_bytes
 from charnn.data.sources import store_version
-from charnn.storage import (describe_error, is_local, join, open_atomic, open_url, protocol, redact, redact_urls,
-                              s3_refusal)
+from charnn.storage import (Store, describe_error, is_local, join, open_atomic, protocol, redact, redact_urls, s3_refusal)
 
 CACHE_VERSION = "v2"
 CHUNK = 4 * 2**20  # bytes read at a time; documents up to this size are read whole
@@ -52,7 +52,7 @@ RESULT = pa.schema([*INDEX, ("error", pa.string())])
 log = logging.getLogger("charnn.pipeline")
 
 
-class DocumentError(ValueError):
+class DocumentError(UserError):
     """One document that cannot be read as listed; the message says why and what to do."""
 
 
@@ -60,9 +60,9 @@ def cache_url(root: str, alphabet: str) -> str:
     return join(root, "documents", CACHE_VERSION, alphabet)
 
 
-def load_index(root: str, alphabet: str, storage: Any = None) -> pa.Table:
+def load_index(root: str, alphabet: str, store: Store = Store()) -> pa.Table:
     """Every cached document with a trustworthy version, one row per (url, size, version)."""
-    fs, path = open_url(join(cache_url(root, alphabet), "index"), storage)
+    fs, path = store.fs(join(cache_url(root, alphabet), "index"))
     fs.invalidate_cache()
     files = [p for p in (fs.ls(path, detail=False) if fs.exists(path) else []) if p.endswith(".parquet")]
     if not files:
@@ -145,7 +145,7 @@ class _ListedFile:
         self.file.close()
 
 
-def _filesystems(storage: Any):
+def _filesystems(store: Store):
     """The filesystem of a URL, made once per scheme (fsspec's own lookup costs more than a
     small document's read)."""
     made: dict[str, Any] = {}
@@ -153,7 +153,7 @@ def _filesystems(storage: Any):
     def of(url: str):
         scheme = url.split("://", 1)[0] if "://" in url else "file"
         if scheme not in made:
-            made[scheme] = open_url(url, storage)[0]
+            made[scheme] = store.fs(url)[0]
         return made[scheme]
 
     return of
@@ -268,7 +268,7 @@ class _Counted:
         self.offset += len(data)
 
 
-def encode_group(group: pa.Table, root: str, alphabet: str, storage: Any = None) -> pa.Table:
+def encode_group(group: pa.Table, root: str, alphabet: str, store: Store = Store()) -> pa.Table:
     """Ray task: encode a group of listed documents into one new blob and index it.
 
     Returns one row of figures per document (identity, blob, offset, tokens, unknown, error); a
@@ -277,8 +277,8 @@ def encode_group(group: pa.Table, root: str, alphabet: str, storage: Any = None)
     that a failed document left in the blob are named by no index row."""
     blob = uuid.uuid4().hex
     base = cache_url(root, alphabet)
-    cache_fs, blob_path = open_url(join(base, "blobs", f"{blob}.u8"), storage)
-    rows, fs_of = [], _filesystems(storage)
+    cache_fs, blob_path = store.fs(join(base, "blobs", f"{blob}.u8"))
+    rows, fs_of = [], _filesystems(store)
     # synced before the index that names its codes is written
     with open_atomic(cache_fs, blob_path) as file, ThreadPoolExecutor(16, thread_name_prefix="charnn-read") as pool:
         sink = _Counted(file)
@@ -295,7 +295,7 @@ def encode_group(group: pa.Table, root: str, alphabet: str, storage: Any = None)
     good = result.filter(pc.is_null(result.column("error"))).drop_columns(["error"])
     good = good.set_column(0, "url", redact_urls(good.column("url")))  # the cache holds no credentials
     if good.num_rows:
-        index_fs, index_path = open_url(join(base, "index", f"{blob}.parquet"), storage)
+        index_fs, index_path = store.fs(join(base, "index", f"{blob}.parquet"))
         with open_atomic(index_fs, index_path) as f:
             pq.write_table(good, f)
     # what the driver needs, in the group's order; the blob's id goes back once, not per document

@@ -13,14 +13,14 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
-from charnn.storage import join, open_atomic, open_url, write_bytes_atomic
+from charnn.errors import UserError
+from charnn.storage import Store, join, open_atomic, write_bytes_atomic
 
 FORMAT = "charnn.rows/2"
 READABLE = ("charnn.rows/1", FORMAT)
@@ -31,7 +31,7 @@ SOURCES_SCHEMA = pa.schema([("url", pa.string()), ("key", pa.string()), ("size",
                             ("identity", pa.string()), ("tokens", pa.int64()), ("split", pa.string())])
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A dataset directory that is missing, incomplete or of another format."""
 
 
@@ -115,12 +115,12 @@ class Manifest:
             raise DatasetError(f"{url}/{MANIFEST} is damaged ({type(exc).__name__}: {exc}); delete {url} "
                                f"and run the job again to rebuild it") from None
 
-    def sources(self, storage: Any = None) -> pa.Table:
+    def sources(self, store: Store = Store()) -> pa.Table:
         """The dataset's documents (``SOURCES_SCHEMA``), in stream order."""
         if self.inline_sources:
             return pa.Table.from_pylist([{k: d[k] for k in SOURCES_SCHEMA.names} for d in self.inline_sources],
                                         SOURCES_SCHEMA)
-        fs, path = open_url(join(self.url, SOURCES), storage)
+        fs, path = store.fs(join(self.url, SOURCES))
         with fs.open(path, "rb") as f:
             return pq.read_table(f, schema=SOURCES_SCHEMA)
 
@@ -138,23 +138,23 @@ def stream_digest(manifest: Manifest, sources: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_manifest(url: str, storage: Any = None) -> Manifest:
-    fs, path = open_url(join(url, MANIFEST), storage)
+def load_manifest(url: str, store: Store = Store()) -> Manifest:
+    fs, path = store.fs(join(url, MANIFEST))
     fs.invalidate_cache(path)
     if not fs.exists(path):
         raise DatasetError(f"{url} has no {MANIFEST}: not a dataset, or its build did not finish; rebuild it")
     return Manifest.from_json(url, fs.cat_file(path))
 
 
-def write_sources(url: str, sources: pa.Table, storage: Any = None) -> None:
-    fs, path = open_url(join(url, SOURCES), storage)
+def write_sources(url: str, sources: pa.Table, store: Store = Store()) -> None:
+    fs, path = store.fs(join(url, SOURCES))
     with open_atomic(fs, path) as f:
         # per-document values are unique: a dictionary would cost memory and save nothing
         pq.write_table(sources.select(SOURCES_SCHEMA.names).cast(SOURCES_SCHEMA), f, row_group_size=2**16,
                        use_dictionary=["split"])
 
 
-def write_manifest(url: str, manifest: Manifest, storage: Any = None) -> None:
+def write_manifest(url: str, manifest: Manifest, store: Store = Store()) -> None:
     """Written last: a dataset without its manifest does not exist for any reader."""
-    fs, path = open_url(join(url, MANIFEST), storage)
+    fs, path = store.fs(join(url, MANIFEST))
     write_bytes_atomic(fs, path, manifest.to_json())

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from charnn.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """The corpus or the batch shape cannot be laid out."""
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +11,7 @@ import pyarrow.ipc
 
 from charnn.data.dataset import DatasetError, Manifest, Shard
 from charnn.data.layout import worker_rows
-from charnn.storage import join, open_url
+from charnn.storage import Store, join
 
 
 @dataclass
@@ -23,7 +23,7 @@ class SplitReader:
     split: str
     rank: int
     world: int
-    storage: Any = None
+    store: Store = Store()
 
     def __post_init__(self):
         info = self.manifest.splits[self.split]
@@ -35,7 +35,7 @@ class SplitReader:
         self.shards = [s for s in info.shards if s.worker == self.rank]
 
     def _load(self, shard: Shard) -> np.ndarray:
-        fs, path = open_url(join(self.url, shard.path), self.storage)
+        fs, path = self.store.fs(join(self.url, shard.path))
         with fs.open(path, "rb") as f:
             table = pa.ipc.open_file(f).read_all()
         rows = table.column("row").to_numpy()

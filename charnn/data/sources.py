@@ -16,7 +16,6 @@ import logging
 import os
 import posixpath
 import stat
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +23,7 @@ import pyarrow.compute as pc
 
 from charnn.data import s3
 from charnn.data.corpora import corpus_path
-from charnn.storage import StorageError, describe_error, is_local, open_url, protocol
+from charnn.storage import StorageError, Store, describe_error, is_local, protocol
 
 GLOB_CHARS = "*?["
 SPLIT_RULE = "sha256(key) < val_fraction; else the smallest hash; one document: its tail"
@@ -175,14 +174,14 @@ def _list_remote(fs, path: str, columns: _Columns) -> None:
         add(p, info)
 
 
-def list_documents(sources: list[str], storage: Any | None = None) -> pa.Table:
+def list_documents(sources: list[str], store: Store = Store()) -> pa.Table:
     """Every file the sources name (``LISTING`` rows), sorted by URL, each URL once."""
     tables = []
     for source in sources:
         url = _expand(source)
         columns, skipped = _Columns(), _Skipped(source)
         try:
-            fs, path = open_url(url, storage)
+            fs, path = store.fs(url)
             if is_local(fs):
                 _list_local(path, columns, skipped)
             else:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from charnn.storage import is_local, open_url
+from charnn.errors import UserError
+from charnn.storage import Store, is_local
 
 MAX_GAP = 1 << 20  # bytes of other documents a range read may skip over instead of splitting
 
 
-class StreamError(RuntimeError):
+class StreamError(UserError):
     """Cached codes that do not match what the dataset's metadata says about them."""
 
 
@@ -85,8 +85,8 @@ def plan_reads(stream: Stream, begin: int, end: int, max_gap: int = MAX_GAP) -> 
 class BlobReader:
     """Range reads of blobs: memory-mapped when local, ranged GETs otherwise."""
 
-    def __init__(self, stream: Stream, storage: Any = None):
-        self.stream, self.storage, self.maps = stream, storage, {}
+    def __init__(self, stream: Stream, store: Store = Store()):
+        self.stream, self.store, self.maps = stream, store, {}
 
     def read(self, begin: int, end: int) -> np.ndarray:
         parts = [read.wanted(self._bytes(read.blob, read.lo, read.hi)) for read in plan_reads(self.stream, begin, end)]
@@ -97,7 +97,7 @@ class BlobReader:
         return codes
 
     def _bytes(self, blob: int, lo: int, hi: int) -> np.ndarray:
-        fs, path = open_url(self.stream.blobs[blob], self.storage)
+        fs, path = self.store.fs(self.stream.blobs[blob])
         if not is_local(fs):
             return np.frombuffer(fs.cat_file(path, start=lo, end=hi), np.uint8)
         if blob not in self.maps:

@@ -6,7 +6,7 @@
 ``kill-in-checkpoint@S[:R]`` does so while it writes the checkpoint of step S, after its
 files are saved and before Ray Train has them; ``raise@S[:R]`` raises an error after step S;
 ``pause@S[:R]`` sleeps CHARNN_FAULT_PAUSE_S seconds (default: an hour) once step S is done,
-checkpoint included, so that a test can stop the job or the storage at a known point.
+checkpoint included, so that a test can stop the job or the store at a known point.
 Each fault fires once: a marker in CHARNN_FAULT_DIR remembers it across worker restarts.
 Unset, this costs one dictionary lookup per call.
 """

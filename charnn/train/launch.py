@@ -2,42 +2,22 @@
 from __future__ import annotations
 
 import logging
-import os
 
-import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from charnn.config import Spec, redacted_dict
 from charnn.data.dataset import Manifest
-from charnn.data.reader import DatasetError
-from charnn.storage import StorageError, join, s3_attempts
-from charnn.errors import TrainingError
+from charnn.errors import TrainingError, UserError
+from charnn.storage import Store, join
 from charnn.checkpoint import (CheckpointError, latest_checkpoint, resume_differences, resume_settings,
                               set_aside_unusable_ray_snapshot)
 from charnn.train.loop import train_loop_per_worker
 
 
-def storage_for_ray(url: str, storage) -> tuple[str, pyarrow.fs.FileSystem | None]:
-    """(storage_path, storage_filesystem) for RunConfig: S3 gets a filesystem of its own, for
-    the endpoint override and for patient retries."""
-    if url.startswith(("s3://", "s3a://")):
-        endpoint = storage.endpoint_url if storage is not None else None
-        options = {"endpoint_override": endpoint.split("://", 1)[-1], "region": "us-east-1",
-                   "scheme": "https" if endpoint.startswith("https") else "http"} if endpoint else {}
-        if storage is not None and storage.region:
-            options["region"] = storage.region
-        fs = pyarrow.fs.S3FileSystem(anonymous=bool(storage and storage.anon), **options,
-                                     retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts(storage)))
-        return url.split("://", 1)[1], fs
-    if "://" not in url:
-        return os.path.abspath(os.path.expanduser(url)), None
-    return url, None
-
-
 def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> TorchTrainer:
     """A trainer for ``spec`` on ``dataset_url``; a new run starts from ``init_from``'s weights if given."""
-    storage_path, storage_filesystem = storage_for_ray(spec.run.storage, spec.storage)
+    storage_path, storage_filesystem = Store.of(spec.storage).for_ray(spec.run.storage)
     resources = {"CPU": spec.cluster.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
@@ -63,11 +43,12 @@ def fit(spec: Spec, dataset_url: str, init_from: str | None = None) -> str:
     newest good one, which Ray Train's result may not name when a worker died between saving
     it and the controller registering it."""
     run_url = join(spec.run.storage, spec.run.name)
-    set_aside_unusable_ray_snapshot(run_url, spec.storage)
+    store = Store.of(spec.storage)
+    set_aside_unusable_ray_snapshot(run_url, store)
     result = make_trainer(spec, dataset_url, init_from).fit()
     if result.error is not None:
         raise training_error(result.error)
-    final = latest_checkpoint(run_url, spec.storage)
+    final = latest_checkpoint(run_url, store)
     if final is None:
         raise TrainingError(f"{run_url} holds no good checkpoint after training; run the job again")
     return final
@@ -97,7 +78,7 @@ def training_error(error: Exception) -> Exception:
     failures = getattr(error, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
-    if isinstance(cause, (CheckpointError, DatasetError, StorageError)):
+    if isinstance(cause, UserError):
         return cause
     text = " ".join(str(cause).split())
     return TrainingError(f"training failed: {type(cause).__name__}: {text[-500:]}")

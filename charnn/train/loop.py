@@ -24,7 +24,7 @@ from charnn.config import Spec, dump_spec, spec_from_dict
 from charnn.data.alphabet import alphabet_size
 from charnn.data.reader import SplitReader
 from charnn.data.dataset import load_manifest
-from charnn.storage import StorageError, is_local, join, open_url
+from charnn.storage import StorageError, Store, join
 from charnn import checkpoint as ckpt
 from charnn.train.carry import epoch_of, next_epoch_states
 from charnn.train.faults import inject
@@ -107,16 +107,17 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(spec.cluster.cpus_per_worker)
     device = ray.train.torch.get_device()
-    manifest = load_manifest(config["dataset"], spec.storage)
-    train_rows = SplitReader(config["dataset"], manifest, "train", rank, world, spec.storage)
-    val_rows = SplitReader(config["dataset"], manifest, "val", rank, world, spec.storage)
+    store = Store.of(spec.storage)
+    manifest = load_manifest(config["dataset"], store)
+    train_rows = SplitReader(config["dataset"], manifest, "train", rank, world, store)
+    val_rows = SplitReader(config["dataset"], manifest, "val", rank, world, store)
     total_steps = spec.train.steps or spec.train.epochs * train_rows.steps
 
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
     shape = model_shape(spec, manifest.alphabet)
     model = CharGRU(shape, spec.model.dropout).to(device)
     if config.get("init_from"):  # warm start (retraining): the weights only, a fresh optimiser
-        init = ckpt.load_payload(config["init_from"], spec.storage)
+        init = ckpt.load_payload(config["init_from"], store)
         ckpt.check_compatible(init, shape, manifest.alphabet)
         model.load_state_dict(init["model"])
     optimizer, scheduler = make_optimizer(model, spec.train, total_steps, spec.cluster.use_gpu)
@@ -125,8 +126,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     step, states, saved = 0, model.zero_state(len(train_rows.rows), device), {}
     run_url = join(spec.run.storage, spec.run.name)
-    resume_url, attempt = _agree_on_resume(run_url, spec.storage, rank, ray.train.get_checkpoint())
-    with _local_copy(resume_url, spec.storage) as directory:
+    resume_url, attempt = _agree_on_resume(run_url, store, rank, ray.train.get_checkpoint())
+    with store.local_dir(resume_url) if resume_url else contextlib.nullcontext() as directory:
         restored = directory is not None
         if restored:
             step, states, saved = _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank)
@@ -137,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(saved.get("metrics", {}))
         return
 
-    run_log = RunLog(run_url, spec.storage, step, saved.get("history")) if rank == 0 else None
+    run_log = RunLog(run_url, store, step, saved.get("history")) if rank == 0 else None
     meta = {"alphabet": manifest.alphabet, "spec": dump_spec(spec), "stream": manifest.stream,
             "settings": ckpt.resume_settings(spec), "attempt": attempt,
             "dataset": {"url": config["dataset"], "documents": manifest.documents}}
@@ -222,7 +223,7 @@ def _report(metrics, save, model, optimizer, scheduler, meta, rank, world, rows,
                          checkpoint_dir_name=ckpt.checkpoint_name(meta["step"], meta["attempt"]))
 
 
-def _agree_on_resume(run_url: str, storage, rank: int, registered: ray.train.Checkpoint | None) -> tuple:
+def _agree_on_resume(run_url: str, store: Store, rank: int, registered: ray.train.Checkpoint | None) -> tuple:
     """(URL of the checkpoint to resume from or None, this attempt's id), decided by rank 0 for
     every rank: ranks that each chose for themselves could resume different weights, or hang in a
     collective, after a read error on one of them.
@@ -233,7 +234,7 @@ def _agree_on_resume(run_url: str, storage, rank: int, registered: ray.train.Che
     choice = [None, uuid.uuid4().hex[:8], None]
     if rank == 0:
         try:
-            choice[0] = ckpt.latest_checkpoint(run_url, storage)
+            choice[0] = ckpt.latest_checkpoint(run_url, store)
             _say_if_not_registered(registered, choice[0], run_url)
         except (ckpt.CheckpointError, StorageError) as exc:
             choice[2] = exc
@@ -254,21 +255,6 @@ def _say_if_not_registered(registered: ray.train.Checkpoint | None, url: str | N
         newer = ckpt.checkpoint_step_order(name) > ckpt.checkpoint_step_order(theirs)
         why = "is older than one saved but not yet registered" if newer else "is damaged"
         say(f"charnn: warning: checkpoint {theirs} {why}; resuming from {name}")
-
-
-@contextlib.contextmanager
-def _local_copy(url: str | None, storage):
-    """A local directory holding the checkpoint at ``url`` (None: None)."""
-    if url is None:
-        yield None
-        return
-    fs, path = open_url(url, storage)
-    if is_local(fs):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="charnn-resume-") as local:
-        ckpt.copy_checkpoint(url, local, storage)
-        yield local
 
 
 def _restore(directory, model, optimizer, scheduler, shape, manifest, train_rows, rank):

@@ -9,17 +9,16 @@ from __future__ import annotations
 import io
 import math
 import tempfile
-from typing import Any
 
-from charnn.storage import is_local, join, open_url, write_bytes_atomic
+from charnn.storage import Store, is_local, join, write_bytes_atomic
 
 
 class RunLog:
-    def __init__(self, run_url: str, storage: Any, start_step: int, history: dict | None = None):
+    def __init__(self, run_url: str, store: Store, start_step: int, history: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_url, self.storage = run_url, storage
-        self.fs, path = open_url(join(run_url, "tensorboard"), storage)
+        self.run_url, self.store = run_url, store
+        self.fs, path = store.fs(join(run_url, "tensorboard"))
         self.remote = None if is_local(self.fs) else path
         local = path if self.remote is None else tempfile.mkdtemp(prefix="charnn-tb-")
         # purge_step drops events a crashed attempt wrote after the checkpoint we resume from (the
@@ -46,7 +45,7 @@ class RunLog:
     def close(self) -> None:
         self.flush()
         self.writer.close()
-        fs, path = open_url(join(self.run_url, "loss.png"), self.storage)
+        fs, path = self.store.fs(join(self.run_url, "loss.png"))
         write_bytes_atomic(fs, path, plot_losses(self.history, self.run_url.rstrip("/").rsplit("/", 1)[-1]))
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from charnn.storage import Store
 from charnn.data.reader import SplitReader
 from charnn.data.dataset import load_manifest
 from charnn import checkpoint as ckpt
@@ -81,17 +82,17 @@ def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
     return {"val_loss": loss, "val_accuracy": correct / count, "val_bpc": loss / math.log(2)}
 
 
-def evaluate_checkpoints(urls: list[str], dataset_url: str, storage=None) -> list[dict]:
+def evaluate_checkpoints(urls: list[str], dataset_url: str, store: Store = Store()) -> list[dict]:
     """Validation figures of each checkpoint over every validation row, in this one process.
 
     Every rank's rows hold the same number of tokens, so the mean of the ranks' means is the
     figure ``evaluate`` gives under Ray Train."""
-    manifest = load_manifest(dataset_url, storage)
+    manifest = load_manifest(dataset_url, store)
     world = manifest.workers
-    readers = [SplitReader(dataset_url, manifest, "val", rank, world, storage) for rank in range(world)]
+    readers = [SplitReader(dataset_url, manifest, "val", rank, world, store) for rank in range(world)]
     figures = []
     for url in urls:
-        model, payload = ckpt.load_model(url, storage)
+        model, payload = ckpt.load_model(url, store)
         if payload["alphabet"] != manifest.alphabet:
             raise ckpt.CheckpointError(f"{url} is a {payload['alphabet']} model; the dataset is {manifest.alphabet}")
         per_rank = [evaluate(model, reader, torch.device("cpu")) for reader in readers]

@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
 # Jobs and tests keep every byte on 127.0.0.1: no usage stats, no cloud metadata probes, and a
-# dead proxy for anything else.  pip (install, corpus download) runs outside it: it needs PyPI.
-LOOPBACK := env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
-	RAY_USAGE_STATS_ENABLED=0 RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/ \
-	AWS_EC2_METADATA_DISABLED=true RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# dead proxy for anything else (loopback.env, the one copy).  pip (install, corpus download) runs
+# outside it: it needs PyPI.  The settings go on an `env` prefix, not `include`: included, a
+# name that is also in make's own environment (HTTP_PROXY behind a real proxy) would be exported
+# to every recipe, pip's included.
+LOOPBACK_SETTINGS := $(shell sed -n '/^[A-Za-z_]/p' loopback.env)
+$(if $(LOOPBACK_SETTINGS),,$(error loopback.env: no KEY=VALUE lines))
+LOOPBACK := env $(LOOPBACK_SETTINGS)
 
 .PHONY: demo test install lock clean gpu-data
 

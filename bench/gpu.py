@@ -1,17 +1,16 @@
 """GPU figures, without Ray (the GPU machine has torch but not Ray): ``bench/gpu.sh`` runs them.
 
     python3 bench/gpu.py speed [--batches 200,1024,4096] [--steps 40]
-    python3 bench/gpu.py quality --dataset DIR [--minutes 4] [--lr 0.003] [--dropout 0.2]
+    python3 bench/gpu.py quality --dataset DIR [--minutes 4] [--lr 0.003] [--dropout 0.2] [--validate-every 500]
 
 ``speed``: tokens/s of the project's ``train_step`` (GRU 512 x 3, T 30, Adam, carried state) at
 each batch, in fp32, in bf16 autocast, and in bf16 replayed as one CUDA graph, with MFU
 against a bf16 matmul peak measured in the same run.
 
-``quality``: the quality recipe on one GPU for a wall-clock budget, reading a dataset built
-here for one worker (``make gpu-data``) with the pipeline's own reader, carrying the hidden
-state across steps and epochs as the Ray Train loop does (one worker: the epoch roll is
-``roll_rows`` with no neighbour), validating on every validation row once a minute, and
-printing the time to reach each validation loss.
+``quality``: the quality recipe on one GPU for a budget of training time (``train.minutes``):
+the project's Trainer in this process (a ``LocalContext``, no Ray) on a dataset built here for
+one worker (``make gpu-data``), validating every ``--validate-every`` steps, then the time it
+took to reach each validation loss, read from the run's ``metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -103,60 +102,29 @@ def speed(args) -> None:
 
 
 def quality(args) -> None:
-    from charnn.data.dataset import load_manifest
-    from charnn.data.reader import SplitReader
-    from charnn.train.carry import roll_rows
-    from charnn.train.optim import lr_factor
-    from charnn.train.step import evaluate, to_batch, train_step
+    """The quality recipe for a time budget: the Trainer itself, in this process (no Ray)."""
+    from charnn.config import load_spec
+    from charnn.storage import Store
+    from charnn.train.context import LocalContext
+    from charnn.train.metrics import read_points
+    from charnn.train.trainer import Trainer
 
     manifests = glob.glob(os.path.join(args.dataset, "**", "manifest.json"), recursive=True)
     if not manifests:
         sys.exit(f"bench/gpu.py: no dataset under {args.dataset}; build one with `make gpu-data` and carry it")
-    url = os.path.dirname(manifests[0])
-    manifest = load_manifest(url)
-    train_rows = SplitReader(url, manifest, "train", 0, 1)
-    val_rows = SplitReader(url, manifest, "val", 0, 1)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    torch.manual_seed(0)
-    model = CharGRU(ModelShape(manifest.alphabet_size, 512, 3), dropout=args.dropout).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=on_gpu or None)
-    budget = args.minutes * 60
-    warmup = int(args.warmup * 10_000)
-    step, epoch, trained, last_val, curve = 0, 0, 0.0, 0.0, []
-    # the schedule runs over the time budget, not a step count: progress in 1/10,000ths of it
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda _: lr_factor(int(trained / budget * 10_000), 10_000, warmup, "cosine", 0.05))
-    states = model.zero_state(len(train_rows.rows), device)
-    print(f"{url}: {len(train_rows.rows)} rows, {train_rows.steps} steps/epoch, {manifest.splits['val'].tokens:,} "
-          f"validation tokens; lr {args.lr} cosine over {args.minutes} min, dropout {args.dropout}", flush=True)
-    while trained < budget:
-        for _, window in train_rows.windows():
-            started = time.perf_counter()
-            x, y = to_batch(window, device)
-            loss, _, states, _ = train_step(model, optimizer, scheduler, x, y, states, 1.0, device)
-            step += 1
-            if step % 50 == 0:
-                sync()
-            trained += time.perf_counter() - started
-            if trained - last_val >= 60 or trained >= budget:
-                sync()
-                figures = evaluate(model, val_rows, device)
-                last_val = trained
-                curve.append((trained, step, epoch, figures["val_loss"]))
-                print(f"step {step} epoch {epoch} train loss {float(loss):.4f} val_loss {figures['val_loss']:.4f} "
-                      f"val_acc {figures['val_accuracy']:.3f} train {trained:.0f}s", flush=True)
-            if trained >= budget:
-                break
-        epoch += 1
-        states = roll_rows(states, None)
+    run_url = os.path.join(args.runs, f"gpu-quality-{time.strftime('%Y%m%d-%H%M%S')}")
+    spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "jobs", "specs", "shakespeare-quality.yaml"), [
+        "cluster.num_workers=1", "train.batch_per_worker=256", f"train.minutes={args.minutes}",
+        f"train.lr={args.lr}", f"model.dropout={args.dropout}", f"train.validate_every={args.validate_every}",
+        "train.checkpoint_every=0", f"cluster.use_gpu={str(args.device == 'cuda').lower()}",
+        f"run.storage={os.path.dirname(run_url)}", f"run.name={os.path.basename(run_url)}"])
+    Trainer(spec, os.path.dirname(manifests[0]), LocalContext(run_url, Store(), torch.device(args.device))).train()
+    validation = read_points(Store(), run_url)["val"]
     for threshold in THRESHOLDS:
-        hit = next((point for point in curve if point[3] <= threshold), None)
-        print(f"val loss {threshold:.2f}: " + (f"{hit[0] / 60:.1f} min of training, step {hit[1]}, epoch {hit[2]}"
+        hit = next((p for p in validation if p["loss"] <= threshold), None)
+        print(f"val loss {threshold:.2f}: " + (f"{hit['train_seconds'] / 60:.1f} min of training, step {hit['step']}"
                                                if hit else "not reached"))
-    print(f"best val loss {min(p[3] for p in curve):.4f}; {step * len(train_rows.rows) * train_rows.seq_len / trained:,.0f} "
-          f"tokens/s including the Python loop")
+    print(f"best val loss {min(p['loss'] for p in validation):.4f}")
 
 
 def main() -> None:
@@ -169,8 +137,9 @@ def main() -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--warmup", type=float, default=0.03, help="fraction of the budget")
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--validate-every", type=int, default=500, help="steps")
+    p.add_argument("--runs", default="/tmp/charnn-gpu-runs", help="where the run's files go")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the loop here")
     args = parser.parse_args()
     if getattr(args, "device", "cuda") == "cuda" and not torch.cuda.is_available():

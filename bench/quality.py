@@ -6,9 +6,10 @@
     .venv/bin/python bench/quality.py --plot bench/results/quality-seed.json bench/results/quality-quality.json
 
 A run is ``jobs/train.py`` in a subprocess (embedded Ray, loopback only), under a fresh run name,
-so nothing resumes.  Its progress and validation lines carry the training clock (seconds in
-training steps, validation and checkpoints excluded), which the thresholds are timed
-against; wall time since launch, start-up included, is printed beside it.  The curves go to
+so nothing resumes.  The curves come from the ``metrics.jsonl`` the run writes, whose points
+carry the training clock (seconds in training steps, validation and checkpoints excluded),
+which the thresholds are timed against; wall time since launch, start-up included, is
+printed beside it.  The curves go to
 ``bench/results/quality-<label>.json``; ``--plot`` draws runs side by side as one PNG.
 """
 from __future__ import annotations
@@ -16,32 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 THRESHOLDS = (1.60, 1.50, 1.45, 1.40, 1.35)
-LOOPBACK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
-            "AWS_EC2_METADATA_DISABLED": "true", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Every byte on 127.0.0.1: loopback.env, the one copy (KEY=VALUE lines, # comments).
+LOOPBACK = dict(line.split("=", 1) for line in Path(ROOT, "loopback.env").read_text().splitlines()
+                if line[:1].isalpha())
 
-TRAIN_LINE = re.compile(r"charnn: step (\d+)/\d+ epoch (\d+) loss ([\d.]+) acc ([\d.]+) .* train (\d+)s")
-VAL_LINE = re.compile(r"charnn: step (\d+) val_loss ([\d.]+) val_acc ([\d.]+) .* train (\d+)s")
+def curves_of(points: dict[str, list[dict]], started: float) -> dict:
+    """The train and validation curves of a run's logged points (``metrics.jsonl``): minutes are
+    the training clock's (``train_seconds``) and the wall clock's since ``started`` (a POSIX time)."""
+    def point(p: dict) -> dict:
+        return {"step": p["step"], "loss": p["loss"], "accuracy": p["accuracy"], "train_s": p["train_seconds"],
+                "wall_s": p["time"] - started, **({"epoch": p["epoch"]} if "epoch" in p else {})}
 
-
-def parse_line(line: str, wall: float, curves: dict) -> None:
-    """Add a progress or validation line's figures to ``curves``."""
-    if m := TRAIN_LINE.search(line):
-        step, epoch, loss, acc, seconds = m.groups()
-        curves["train"].append({"step": int(step), "epoch": int(epoch), "loss": float(loss), "accuracy": float(acc),
-                                "train_s": float(seconds), "wall_s": wall})
-    elif m := VAL_LINE.search(line):
-        step, loss, acc, seconds = m.groups()
-        curves["val"].append({"step": int(step), "loss": float(loss), "accuracy": float(acc),
-                              "train_s": float(seconds), "wall_s": wall})
+    return {split: [point(p) for p in points[split]] for split in ("train", "val")}
 
 
 def time_to(curves: dict, threshold: float) -> dict | None:
@@ -50,21 +45,22 @@ def time_to(curves: dict, threshold: float) -> dict | None:
 
 
 def run(spec: str, overrides: list[str], label: str) -> dict:
+    """Train ``spec`` under a fresh run name; its curves, read from the run's ``metrics.jsonl``."""
+    from charnn.storage import Store
+    from charnn.train.metrics import read_points
+
     name = f"quality-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--spec", spec, "--set", f"run.name={name}"]
     for override in overrides:
         command += ["--set", override]
-    curves = {"label": label, "spec": spec, "overrides": overrides, "run": name, "train": [], "val": []}
-    start = time.monotonic()
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, **LOOPBACK, "RAY_DEDUP_LOGS": "0"}) as process:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            parse_line(line, time.monotonic() - start, curves)
+    started = time.time()
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **LOOPBACK})
+    sys.stdout.write(process.stdout)
     if process.returncode:
         sys.exit(f"bench/quality.py: {' '.join(command)} exited {process.returncode}")
-    curves["wall_s"] = time.monotonic() - start
-    return curves
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    curves = curves_of(read_points(Store(), result["run_url"]), started)
+    return {"label": label, "spec": spec, "overrides": overrides, "run": name, **curves, "wall_s": time.time() - started}
 
 
 def report(curves: dict) -> None:

@@ -31,35 +31,31 @@ def is_matrix_product(name: str, on_gpu: bool) -> bool:
     return name in MATMUL_OPS
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--trace", help="write a Chrome trace here")
-    args = parser.parse_args()
-
+def make_step(batch: int, device: torch.device):
+    """The Trainer's training step on the seed's shapes and random codes, carrying the state."""
     from charnn.config import TrainConfig
     from charnn.model import CharGRU, ModelShape
     from charnn.train.optim import make_optimizer
-    from charnn.train.step import STEP_REGIONS, train_step
+    from charnn.train.step import Parts, train_step
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
     model = CharGRU(ModelShape(98, 512, 3), dropout=0.0).to(device)
-    optimizer, scheduler = make_optimizer(model, TrainConfig(), 1000, use_gpu=on_gpu)
-    codes = torch.randint(0, 98, (args.batch, 31), device=device)
+    optimizer, scheduler = make_optimizer(model, TrainConfig(), 1000, use_gpu=device.type == "cuda")
+    parts = Parts(model, optimizer, scheduler, grad_clip=1.0, device=device)
+    codes = torch.randint(0, 98, (batch, 31), device=device)
     x, y = codes[:, :-1], codes[:, 1:]
-    states = model.zero_state(args.batch, device)
+    states = model.zero_state(batch, device)
 
     def step():
         nonlocal states
-        loss, _, states, _ = train_step(model, optimizer, scheduler, x, y, states, 1.0, device)
+        loss, _, states, _ = train_step(parts, x, y, states)
         return loss
 
+    return step
+
+
+def profile_steps(step, steps: int, on_gpu: bool):
+    """(the profiler, ms per step) of ``steps`` steps after a warm-up."""
     for _ in range(3):  # warm-up: allocator, oneDNN/cuDNN plans
         step()
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -67,12 +63,17 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(args.steps):
+        for _ in range(steps):
             loss = step()
         sync()
-    step_ms = (time.perf_counter() - start) / args.steps * 1e3
     float(loss)
+    return prof, (time.perf_counter() - start) / steps * 1e3
 
+
+def report(prof, step_ms: float, args) -> None:
+    from charnn.train.step import STEP_REGIONS
+
+    on_gpu = args.device == "cuda"
     averages = prof.key_averages()
     total = "device_time_total" if on_gpu else "cpu_time_total"
     own = "self_device_time_total" if on_gpu else "self_cpu_time_total"
@@ -89,6 +90,20 @@ def main() -> None:
     print(f"  matrix products {matmul_ms:.1f} ms, {matmul_ms / step_ms:.1%} of the step (the FLOPs MFU counts); "
           f"the rest of forward and backward is the gates' pointwise ops, concatenations and copies")
     print(averages.table(sort_by=own, row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--trace", help="write a Chrome trace here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    prof, step_ms = profile_steps(make_step(args.batch, device), args.steps, device.type == "cuda")
+    report(prof, step_ms, args)
     if args.trace:
         prof.export_chrome_trace(args.trace)
         print(f"wrote {args.trace}")

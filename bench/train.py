@@ -31,8 +31,9 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 
 def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
-    """The training step of train/loop.py, timed after warm-up; returns tokens/s (this worker)."""
-    from charnn.train.step import train_step
+    """The Trainer's training step (``charnn.train.step.train_step``), timed after warm-up;
+    returns tokens/s (this worker)."""
+    from charnn.train.step import Parts, train_step
     from charnn.model import CharGRU, ModelShape
     from charnn.train.optim import make_optimizer
     from charnn.config import TrainConfig
@@ -41,9 +42,7 @@ def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
     torch.manual_seed(0)
     model = CharGRU(ModelShape(98, 512, 3), dropout=0.0)
     optimizer, scheduler = make_optimizer(model, TrainConfig(), steps, use_gpu=False)
-    stepped = model
-    if ddp:
-        stepped = torch.nn.parallel.DistributedDataParallel(model)
+    parts = Parts(torch.nn.parallel.DistributedDataParallel(model) if ddp else model, optimizer, scheduler)
     codes = torch.randint(0, 98, (batch, 31))
     x, y = codes[:, :-1], codes[:, 1:]
     states = model.zero_state(batch)
@@ -51,7 +50,7 @@ def step_loop(batch: int, steps: int, threads: int, ddp: bool = False) -> dict:
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
-        loss, _, states, _ = train_step(stepped, optimizer, scheduler, x, y, states, 0.0, torch.device("cpu"))
+        loss, _, states, _ = train_step(parts, x, y, states)
     float(loss)
     seconds = time.perf_counter() - start
     return {"tokens_per_s": batch * 30 * steps / seconds, "flops_per_token": model.flops_per_token(),

@@ -18,16 +18,18 @@ import typing
 from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import yaml
-from pydantic import (AfterValidator, AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter,
-                      ValidationError)
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, TypeAdapter, ValidationError)
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
+
+from charnn.errors import UserError
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec problem; the message is always a single line, with credentials masked."""
 
     def __init__(self, message: str):
@@ -35,18 +37,14 @@ class SpecError(ValueError):
 
         # Values and paths can carry newlines, NULs and terminal escapes; log lines and CLI
         # errors must stay one printable line.
-        super().__init__(redact(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message)))
+        Exception.__init__(self, redact(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message)))
 
 
 # The sections are pydantic dataclasses: real dataclasses (fields, replace, asdict, ==), validated
 # by pydantic when built.  Strict on purpose: YAML's `yes`/`1.0` should not silently become a bool
-# or an int (an int is a float, though).  Defaults are not validated: data.sources has no valid
-# one, spec_from_dict checks it.
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict(), AllowInfNan(False)]
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
-_SECTION = ConfigDict(extra="forbid")
+# or an int (an int is a float, though).  Strict per field: a strict dataclass refuses a dict.
+# Defaults are not validated: data.sources has no valid one, spec_from_dict checks it.
+_SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _rule(need: str, ok: Callable[[Any], bool]) -> AfterValidator:
@@ -68,63 +66,66 @@ def _no_credentials(v: Optional[str]) -> bool:
 _NoCredentials = _rule("not carry credentials (Ray's workers receive this value; give credentials through the "
                        "environment, see README \"Security\")", _no_credentials)
 # URLs, dirs, globs or "corpus:NAME"; a blank one (an unset shell variable) would list the cwd.
-_Sources = Annotated[list[Str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v), Field(min_length=1),
-                     _rule("have no blank entries", lambda v: all(s.strip() for s in v))]
+_Sources = Annotated[list[StrictStr], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+                     Field(min_length=1), _rule("have no blank entries", lambda v: all(s.strip() for s in v))]
 # Names become storage path segments: ".", ".." and hidden names would point elsewhere.
-_Name = Annotated[Str, Field(pattern=r"^[A-Za-z0-9._-]+$"), _rule("not start with '.'", lambda v: not v.startswith("."))]
+_Name = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._-]+$"),
+                  _rule("not start with '.'", lambda v: not v.startswith("."))]
 
 
 @dataclass(config=_SECTION)
 class DataConfig:
     sources: _Sources = Field(default_factory=list)
     alphabet: Literal["gorner98", "bytes"] = "gorner98"
-    seq_len: Int = Field(30, gt=0)
-    dataset_root: Annotated[Str, _NoCredentials] = "~/.cache/charnn/datasets"
-    val_fraction: Float = Field(0.1, gt=0, lt=1)
-    shard_mb: Int = Field(64, gt=0)
+    seq_len: StrictInt = Field(30, gt=0)
+    dataset_root: Annotated[StrictStr, _NoCredentials] = "~/.cache/charnn/datasets"
+    val_fraction: StrictFloat = Field(0.1, gt=0, lt=1)
+    shard_mb: StrictInt = Field(64, gt=0)
 
 
 @dataclass(config=_SECTION)
 class ModelConfig:
-    cell_size: Int = Field(512, gt=0)
-    layers: Int = Field(3, gt=0)
-    dropout: Float = Field(0.2, ge=0, lt=1)
-    embedding: Int = Field(0, ge=0)  # 0 means one-hot input
+    cell_size: StrictInt = Field(512, gt=0)
+    layers: StrictInt = Field(3, gt=0)
+    dropout: StrictFloat = Field(0.2, ge=0, lt=1)
+    embedding: StrictInt = Field(0, ge=0)  # 0 means one-hot input
 
 
 @dataclass(config=_SECTION)
 class TrainConfig:
-    batch_per_worker: Int = Field(200, gt=0)
-    steps: Int = Field(0, ge=0)  # 0 means use epochs
-    epochs: Int = Field(10, gt=0)
-    lr: Float = Field(0.001, gt=0)
-    seed: Int = 0
-    warmup_steps: Int = Field(0, ge=0)
+    batch_per_worker: StrictInt = Field(200, gt=0)
+    steps: StrictInt = Field(0, ge=0)  # 0 means use epochs
+    epochs: StrictInt = Field(10, gt=0)
+    lr: StrictFloat = Field(0.001, gt=0)
+    seed: StrictInt = 0
+    warmup_steps: StrictInt = Field(0, ge=0)
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
-    grad_clip: Float = Field(0.0, ge=0)  # 0 means off
+    min_lr_ratio: StrictFloat = Field(0.1, ge=0, le=1)
+    grad_clip: StrictFloat = Field(0.0, ge=0)  # 0 means off
     epoch_state: Literal["roll", "reset"] = "roll"
-    log_every: Int = Field(50, gt=0)
-    validate_every: Int = Field(0, ge=0)  # 0 means only at the end
-    checkpoint_every: Int = Field(500, ge=0)  # 0 means only at the end
-    sample_every: Int = Field(0, ge=0)
-    sample_length: Int = Field(200, gt=0)
-    num_to_keep: Int = Field(3, gt=0)
+    log_every: StrictInt = Field(50, gt=0)
+    validate_every: StrictInt = Field(0, ge=0)  # 0 means only at the end
+    checkpoint_every: StrictInt = Field(500, ge=0)  # 0 means only at the end
+    sample_every: StrictInt = Field(0, ge=0)
+    sample_length: StrictInt = Field(200, gt=0)
+    num_to_keep: StrictInt = Field(3, gt=0)
+    minutes: StrictFloat = Field(0.0, ge=0)  # > 0: train this long (the training clock) instead of train.steps
 
 
 @dataclass(config=_SECTION)
 class ClusterConfig:
-    num_workers: Int = Field(1, gt=0)
-    use_gpu: Bool = False
-    cpus_per_worker: Int = Field(1, gt=0)
-    max_failures: Int = Field(0, ge=0)
-    resource_timeout_s: Int = Field(600, ge=0)  # how long a remote (autoscaling) cluster may take to offer the workers
+    num_workers: StrictInt = Field(1, gt=0)
+    use_gpu: StrictBool = False
+    cpus_per_worker: StrictInt = Field(1, gt=0)
+    max_failures: StrictInt = Field(0, ge=0)
+    # how long a remote (autoscaling) cluster may take to offer the workers
+    resource_timeout_s: StrictInt = Field(600, ge=0)
 
 
 @dataclass(config=_SECTION)
 class RunConfig:
     name: _Name = "charnn"
-    storage: Annotated[Str, _NoCredentials] = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
+    storage: Annotated[StrictStr, _NoCredentials] = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
     # A run resumes only on the same data and training settings ("check"); "force" resumes
     # anyway, keeping the checkpoint's optimiser, schedule and position in the data.
     resume: Literal["check", "force"] = "check"
@@ -133,17 +134,17 @@ class RunConfig:
 @dataclass(config=_SECTION)
 class RetrainConfig:
     model: _Name = "charnn"  # registry name: <run.storage>/models/<model>/
-    steps: Int = Field(500, gt=0)  # fine-tuning steps from the published model
-    min_improvement: Float = Field(0.0, ge=0)  # nats/char the candidate must gain on validation
-    lease_minutes: Float = Field(30.0, gt=0)  # a writer that dies blocks others this long at most
+    steps: StrictInt = Field(500, gt=0)  # fine-tuning steps from the published model
+    min_improvement: StrictFloat = Field(0.0, ge=0)  # nats/char the candidate must gain on validation
+    lease_minutes: StrictFloat = Field(30.0, gt=0)  # a writer that dies blocks others this long at most
 
 
 @dataclass(config=_SECTION)
 class StorageConfig:
-    endpoint_url: Annotated[Optional[Str], _NoCredentials] = None  # S3-compatible endpoint override (MinIO, moto)
-    region: Optional[Str] = None
-    anon: Bool = False
-    max_attempts: Int = Field(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
+    endpoint_url: Annotated[Optional[StrictStr], _NoCredentials] = None  # S3-compatible endpoint override (MinIO, moto)
+    region: Optional[StrictStr] = None
+    anon: StrictBool = False
+    max_attempts: StrictInt = Field(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
 
 
 @dataclass(config=_SECTION)
@@ -161,12 +162,9 @@ _SECTIONS: dict[str, type] = typing.get_type_hints(Spec)
 _SPEC = TypeAdapter(Spec)
 
 
-@functools.cache
-def _fields(cls: type) -> dict[str, Any]:
-    """Each field's plain type (Strict and constraints stripped): int, float, bool, str, Optional[str],
-    list[str] or a Literal of choices."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+# A section's fields and their plain types (Strict and constraints stripped): int, float, bool, str,
+# Optional[str], list[str] or a Literal of choices.
+_fields = functools.cache(typing.get_type_hints)
 
 
 class _BriefRepr(reprlib.Repr):
@@ -207,8 +205,7 @@ _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
            "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
 
 
-def _unknown(origin: str, what: str, name: Any, prefix: str, valid: Sequence[str]) -> SpecError:
-    name = name if isinstance(name, str) else _brief.repr(name)  # YAML keys can be ints, bools, null
+def _unknown(origin: str, what: str, name: str, prefix: str, valid: Sequence[str]) -> SpecError:
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid: {', '.join(valid)}"
     return SpecError(f"{origin}: unknown {what} '{prefix}{name}' ({hint})")
@@ -222,30 +219,29 @@ def _need(error: dict, hint: Any) -> Optional[str]:
         return f"be {_BOUNDS[kind][1]} {int(bound) if float(bound).is_integer() else bound}"
     if kind == "literal_error":
         return f"be one of {', '.join(typing.get_args(hint))}"
-    return {"too_short": "be non-empty", "spec_rule": ctx.get("need"),
-            "string_pattern_mismatch": f"match {ctx.get('pattern', '').removeprefix('^').removesuffix('$')}"
-            }.get(kind)
+    if kind == "string_pattern_mismatch":  # pydantic searches, so the pattern is anchored
+        return f"match {ctx['pattern'].removeprefix('^').removesuffix('$')}"
+    return {"too_short": "be non-empty", "spec_rule": ctx.get("need")}.get(kind)
 
 
 def _position(tree: dict, loc: tuple) -> tuple[int, int]:
-    """Where a ValidationError's location is in the tree: the first one in it is the one reported."""
-    body = tree[loc[0]]
-    return list(tree).index(loc[0]), list(body).index(loc[1]) if len(loc) > 1 else -1
+    return list(tree).index(loc[0]), list(tree[loc[0]]).index(loc[1]) if len(loc) > 1 else -1
 
 
 def _translate(e: ValidationError, tree: dict, origin: str) -> SpecError:
-    """The one-line SpecError for pydantic's first error in the tree's order."""
+    """The one-line SpecError for the first error in the tree's order."""
     error = min(e.errors(include_url=False, include_input=False),  # input: str() of a huge int fails
                 key=lambda err: _position(tree, err["loc"]))
-    loc, kind = error["loc"], error["type"]
-    section = loc[0]
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+    loc, kind, section = error["loc"], error["type"], error["loc"][0]
+    if kind == "unexpected_keyword_argument":  # extra="forbid"
         if len(loc) == 1:
             return _unknown(origin, "section", section, "", list(_SECTIONS))
         return _unknown(origin, "key", loc[1], f"{section}.", list(_fields(_SECTIONS[section])))
     if len(loc) == 1:
         return SpecError(f"{origin}: {section} must be a mapping of keys, got {_show(tree[section])}")
     dotted, hint, v = f"{section}.{loc[1]}", _fields(_SECTIONS[section])[loc[1]], tree[section][loc[1]]
+    if isinstance(v, SpecError):  # a ${NAME} that _expand_value could not expand
+        return v
     need = _need(error, hint) if isinstance(v, str) or kind != "literal_error" else None
     if need is None:
         need = _TYPE_NAMES.get(hint, "a str")  # a Literal of choices is a str
@@ -311,36 +307,40 @@ def _unhide(v: Any) -> Any:
     return v
 
 
+def _text(key: Any) -> str:
+    """A key as pydantic is to see it: YAML's `on:`, `1:` or `~:` are not strings (and not valid keys)."""
+    return key if isinstance(key, str) else _brief.repr(key) if isinstance(key, int) else str(key)
+
+
 def _prepare(d: Any, origin: str, expand: bool) -> dict:
-    """The tree as pydantic is to see it: `train:` with nothing under it is {}, a key that is not a
-    string (YAML's `on:` or `1:`) is unknown, and with ``expand`` the ${NAME} references in the
-    values of string keys are replaced by the environment's values."""
+    """The tree as pydantic is to see it: `train:` with nothing under it is {}, keys are strings, and
+    with ``expand`` the ${NAME} references in string keys' values are the environment's values."""
     if not isinstance(d, dict):
         raise SpecError(f"{origin}: top level must be a mapping of sections, got {_show(d)}")
     tree = {}
     for section, body in d.items():
-        if not isinstance(section, str):
-            raise _unknown(origin, "section", section, "", list(_SECTIONS))
-        tree[section] = body = {} if body is None else body
-        hints = _fields(_SECTIONS[section]) if section in _SECTIONS and isinstance(body, dict) else {}
-        for key in body if hints else ():
-            if not isinstance(key, str):
-                raise _unknown(origin, "key", key, f"{section}.", list(hints))
-        if hints and expand:
-            tree[section] = {key: _expand_value(v, hints.get(key), f"{section}.{key}", origin)
-                             for key, v in body.items()}
+        body = {} if body is None else body
+        if section in _SECTIONS and isinstance(body, dict):
+            hints = _fields(_SECTIONS[section])
+            body = {_text(key): _expand_value(v, hints.get(key), f"{section}.{key}", origin) if expand else v
+                    for key, v in body.items()}
+        tree[_text(section)] = body
     return tree
 
 
 def _expand_value(v: Any, hint: Any, dotted: str, origin: str) -> Any:
     """``v`` with its ${NAME} references expanded if it is a string key's value of the right type;
-    anything else is left for pydantic to refuse."""
+    anything else is left for pydantic to refuse, and so is the SpecError of a reference that cannot
+    be expanded: the first problem in the tree's order is the one reported."""
     if hint not in _STRING_HINTS and typing.get_origin(hint) is not Literal:
         return v
-    if isinstance(v, str):
-        return _expand_env(v, dotted, origin)
-    if hint == list[str] and isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return [_expand_env(x, dotted, origin) for x in v]
+    try:
+        if isinstance(v, str):
+            return _expand_env(v, dotted, origin)
+        if hint == list[str] and isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return [_expand_env(x, dotted, origin) for x in v]
+    except SpecError as e:
+        return e
     return v
 
 

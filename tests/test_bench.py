@@ -1,4 +1,4 @@
-"""The benchmark scripts' own logic: bench/quality.py reads what the training loop prints, the
+"""The benchmark scripts' own logic: bench/quality.py reads the points a run logs, the
 training clock leaves pauses out, and bench/step_profile.py accounts for a step (tiny shapes)."""
 import importlib.util
 import os
@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from charnn.train import loop
-from charnn.train.loop import Interval, TrainClock, _log_progress, _log_validation
+from charnn.storage import Store
+from charnn.train import metrics
+from charnn.train.metrics import Interval, MetricsLogger, RunLog, TrainClock, read_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,35 +22,40 @@ def bench_module(name):
     return module
 
 
-class Scalars:
-    def __init__(self):
-        self.logged = []
-
-    def scalars(self, split, step, values):
-        self.logged.append((split, step, values))
-
-
-def test_quality_bench_reads_the_lines_the_training_loop_prints(monkeypatch):
+def test_quality_bench_reads_the_points_a_run_logs(tmp_path, monkeypatch):
     quality = bench_module("quality")
-    lines = []
-    monkeypatch.setattr(loop, "say", lines.append)
-    figures = {"loss": 1.5234, "accuracy": 0.561, "tokens_per_s": 2400.0, "seconds_per_step": 1.6, "lr": 3e-3,
-               "grad_norm": 0.4}
-    _log_progress(Scalars(), 1000, 1800, 1, figures, 1612.4)
-    _log_validation(Scalars(), 1000, {"val_loss": 1.4871, "val_accuracy": 0.552, "val_bpc": 2.145,
-                                      "train_seconds": 1650.0})
-    _log_validation(Scalars(), 1250, {"val_loss": 1.4402, "val_accuracy": 0.566, "val_bpc": 2.078,
-                                      "train_seconds": 2010.0})
-    curves = {"train": [], "val": []}
-    for wall, line in enumerate(lines):
-        quality.parse_line(f"(RayTrainWorker pid=1) {line}", 100.0 + wall, curves)
-    assert curves["train"] == [{"step": 1000, "epoch": 1, "loss": 1.5234, "accuracy": 0.561, "train_s": 1612.0,
-                                "wall_s": 100.0}]
+    monkeypatch.setattr(metrics, "say", lambda line: None)
+    run_url = str(tmp_path / "runs" / "r")
+    clock = TrainClock(before=1612.4)
+    logger = MetricsLogger(RunLog(run_url, Store(), 0), every=25, total=1800, clock=clock)
+    logger.interval.add(torch.tensor(1.5234), torch.zeros(1, 1, 98), torch.zeros(1, 1, dtype=torch.long))
+    logger.log_train(1000, 1, {"lr": 3e-3, "grad_norm": 0.4}, torch.device("cpu"))
+    logger.log_val(1000, {"val_loss": 1.4871, "val_accuracy": 0.552, "val_bpc": 2.145, "train_seconds": 1650.0})
+    logger.log_val(1250, {"val_loss": 1.4402, "val_accuracy": 0.566, "val_bpc": 2.078, "train_seconds": 2010.0})
+    logger.close()
+    curves = quality.curves_of(read_points(Store(), run_url), started=0.0)
+    (train,) = curves["train"]
+    assert (train["step"], train["epoch"], train["loss"], train["accuracy"]) == (1000, 1, pytest.approx(1.5234), 1.0)
+    assert train["train_s"] == pytest.approx(1612.4, abs=1.0) and train["wall_s"] > 1e9  # a POSIX time since 0
     assert [(p["step"], p["loss"], p["train_s"]) for p in curves["val"]] == [(1000, 1.4871, 1650.0),
                                                                             (1250, 1.4402, 2010.0)]
     assert quality.time_to(curves, 1.45)["step"] == 1250
     assert quality.time_to(curves, 1.49)["step"] == 1000
     assert quality.time_to(curves, 1.40) is None
+    assert (tmp_path / "runs" / "r" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_run_logs_each_point_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "say", lambda line: None)
+    run_url = str(tmp_path / "r")
+    first = RunLog(run_url, Store(), 0)
+    for step in (10, 20, 30):  # the attempt died after step 30; its checkpoint is of step 20
+        first.scalars("val", step, {"loss": 2.0})
+    first.flush()
+    again = RunLog(run_url, Store(), 20)
+    again.scalars("val", 30, {"loss": 1.9})
+    again.flush()
+    assert [(p["step"], p["loss"]) for p in read_points(Store(), run_url)["val"]] == [(10, 2.0), (20, 2.0), (30, 1.9)]
 
 
 def test_quality_plot_draws_runs_side_by_side(tmp_path):
@@ -61,10 +68,8 @@ def test_quality_plot_draws_runs_side_by_side(tmp_path):
 
 
 def test_train_clock_and_the_logged_speed_leave_pauses_out(monkeypatch):
-    import torch
-
     now = [100.0]
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
     clock = TrainClock(before=50.0)  # 50 s trained before a resume
     interval = Interval(clock)
     y = torch.zeros(2, 3, dtype=torch.long)

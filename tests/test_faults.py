@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAIN_ENV, REPO, FlakyProxy, SMOKE_ROWS, tb_losses, train_smoke
+from support.env import FAST_TRAIN_ENV, REPO
+from support.jobs import SMOKE_ROWS, tb_losses, train_smoke
+from support.servers import FlakyProxy
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 STEPS, EVERY = 30, 10

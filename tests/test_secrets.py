@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, last_json, run_job, write_corpus
+from support.env import REPO
+from support.jobs import last_json, run_job, write_corpus
 from charnn.config import dump_spec, load_spec, spec_from_dict
 from charnn.storage import redact, redact_urls
 

@@ -503,7 +503,7 @@ def test_unreadable_scalars(tmp_path, value, problem):
     msg = error_of(load_spec, path)
     assert msg.startswith(f"{path}:4: {problem}") and len(msg) < 300, msg
     msg = error_of(load_spec, minimal(tmp_path), [f"train.steps={value}"])
-    assert msg.startswith(f"--set train.steps=") and problem in msg and len(msg) < 300, msg
+    assert msg.startswith("--set train.steps=") and problem in msg and len(msg) < 300, msg
 
 
 def test_huge_python_int_in_error_message():

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_job, write_corpus
+from support.jobs import run_job, write_corpus
 
 pytestmark = pytest.mark.ray
 
@@ -137,7 +137,7 @@ def test_credentials_never_reach_logs_records_or_the_result(tmp_path):
     import http.server
     import threading
 
-    from conftest import write_corpus
+    from support.jobs import write_corpus
 
     write_corpus(tmp_path / "site" / "plays", documents=1, lines=300)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))

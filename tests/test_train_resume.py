@@ -6,7 +6,7 @@ to TensorBoard; runs are compared on those curves.
 import pytest
 import torch
 
-from conftest import tb_losses as losses, train_smoke as train
+from support.jobs import tb_losses as losses, train_smoke as train
 
 pytestmark = pytest.mark.ray
 

@@ -28,9 +28,10 @@ from charnn.data.build import DatasetRequest, build_dataset, listed_documents
 from charnn.data.dataset import load_manifest
 from charnn.storage import Store, join, redact
 from charnn.checkpoint import check_compatible, load_payload
-from charnn.train.loop import model_shape, say
+from charnn.train.metrics import say
+from charnn.train.trainer import model_shape
 from charnn.registry import SOURCES_FILE, Lease, ModelRegistry, Version
-from charnn.train.step import evaluate_checkpoints
+from charnn.evaluate import evaluate_checkpoints
 from charnn.train.launch import fit
 
 

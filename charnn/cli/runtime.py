@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Callable
 
-from charnn.config import Spec, SpecError, add_spec_arguments, expand_path, spec_from_args
+from charnn.config import Spec, add_spec_arguments, expand_path, spec_from_args
 from charnn.errors import Busy, CharnnError, UserError
 from charnn.storage import redact
 
@@ -108,9 +108,9 @@ def execute(run: Callable[[], dict | None]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run()
-    except (CharnnError, SpecError) as exc:  # one line, and the exit status its kind decides
+    except CharnnError as exc:  # one line, and the exit status its kind decides
         print(f"charnn: {'busy' if isinstance(exc, Busy) else 'error'}: {redact(str(exc))}", file=sys.stderr, flush=True)
-        sys.exit(getattr(exc, "exit_status", UserError.exit_status))
+        sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         print("charnn: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

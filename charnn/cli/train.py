@@ -14,7 +14,7 @@ from charnn.data.dataset import load_manifest
 from charnn.storage import StorageError, Store, describe_error, join
 from charnn.sample import GenerateOptions, sample_text
 from charnn.checkpoint import check_compatible, latest_checkpoint, load_model, load_payload
-from charnn.train.loop import model_shape
+from charnn.train.trainer import model_shape
 from charnn.train.launch import check_resume, fit
 
 

@@ -12,7 +12,7 @@ from charnn.errors import TrainingError, UserError
 from charnn.storage import Store, join
 from charnn.checkpoint import (CheckpointError, latest_checkpoint, resume_differences, resume_settings,
                               set_aside_unusable_ray_snapshot)
-from charnn.train.loop import train_loop_per_worker
+from charnn.train.trainer import train_loop_per_worker
 
 
 def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> TorchTrainer:
@@ -58,7 +58,7 @@ def check_resume(spec: Spec, saved: dict, manifest: Manifest | None = None) -> N
     """Refuse to resume a run beyond its end, or with other training settings, or (given the
     dataset's ``manifest``) on other data; with ``run.resume=force``, say what differs and go on."""
     steps_per_epoch = manifest.splits["train"].steps if manifest else None
-    total = spec.train.steps or (steps_per_epoch and spec.train.epochs * steps_per_epoch)
+    total = not spec.train.minutes and (spec.train.steps or (steps_per_epoch and spec.train.epochs * steps_per_epoch))
     if total and saved["step"] > total:
         raise CheckpointError(f"run {spec.run.name} is at step {saved['step']}, past train.steps={total}; "
                               f"raise train.steps to continue it, or use a new run.name")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -11,10 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from charnn.storage import Store
 from charnn.data.reader import SplitReader
-from charnn.data.dataset import load_manifest
-from charnn import checkpoint as ckpt
 from charnn.model import CharGRU
 
 
@@ -45,19 +43,31 @@ def autocast(device: torch.device):
 STEP_REGIONS = ("forward", "backward", "clip", "optimizer")  # labelled for the profiler (bench/step_profile.py)
 
 
-def train_step(model, optimizer, scheduler, x, y, states, grad_clip: float, device):
+@dataclass
+class Parts:
+    """What a training step updates: the model (as the step calls it: DDP across workers), its
+    optimiser and learning-rate schedule; how it clips; where it runs."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_clip: float = 0.0  # 0: no clipping
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, states: torch.Tensor):
     """One optimiser step from the carried ``states``; returns (loss, logits, next states, grad norm)."""
-    with record_function("forward"), autocast(device):
-        logits, h = model(x, states)
+    with record_function("forward"), autocast(parts.device):
+        logits, h = parts.model(x, states)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=True)
     with record_function("backward"):
         loss.backward()
     with record_function("clip"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip or float("inf"))
     with record_function("optimizer"):
-        optimizer.step()
-        scheduler.step()
+        parts.optimizer.step()
+        parts.scheduler.step()
     return loss.detach(), logits.detach(), h.detach().float(), grad_norm
 
 
@@ -80,21 +90,3 @@ def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
     loss_sum, correct, count = all_sum([float(loss_sum), float(correct), count], device)
     loss = loss_sum / count
     return {"val_loss": loss, "val_accuracy": correct / count, "val_bpc": loss / math.log(2)}
-
-
-def evaluate_checkpoints(urls: list[str], dataset_url: str, store: Store = Store()) -> list[dict]:
-    """Validation figures of each checkpoint over every validation row, in this one process.
-
-    Every rank's rows hold the same number of tokens, so the mean of the ranks' means is the
-    figure ``evaluate`` gives under Ray Train."""
-    manifest = load_manifest(dataset_url, store)
-    world = manifest.workers
-    readers = [SplitReader(dataset_url, manifest, "val", rank, world, store) for rank in range(world)]
-    figures = []
-    for url in urls:
-        model, payload = ckpt.load_model(url, store)
-        if payload["alphabet"] != manifest.alphabet:
-            raise ckpt.CheckpointError(f"{url} is a {payload['alphabet']} model; the dataset is {manifest.alphabet}")
-        per_rank = [evaluate(model, reader, torch.device("cpu")) for reader in readers]
-        figures.append({key: sum(f[key] for f in per_rank) / world for key in per_rank[0]})
-    return figures

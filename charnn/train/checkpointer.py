@@ -1,0 +1,104 @@
+"""A run's checkpoints: saved at the spec's cadence, and the newest good one resumed.
+
+Every rank saves the hidden states of its own rows and its RNG state, rank 0 the weights and
+the optimiser, and each rank seals its files with their checksums (``charnn.checkpoint`` holds
+the format); the framework stores them as one directory, named by step and attempt.  On a
+(re)start rank 0 picks the checkpoint to resume for every rank.
+"""
+from __future__ import annotations
+
+import tempfile
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from charnn import checkpoint as ckpt
+from charnn.model import ModelShape
+from charnn.storage import StorageError, Store, basename
+from charnn.train.context import WorkerContext
+from charnn.train.faults import inject
+from charnn.train.metrics import say
+from charnn.train.state import TrainState
+from charnn.train.step import Parts, distributed
+
+
+class Checkpointer:
+    def __init__(self, run_url: str, store: Store, context: WorkerContext, every: int):
+        self.run_url, self.store, self.context, self.every = run_url, store, context, every
+        self.attempt = ""
+
+    def should_save(self, step: int, last: bool) -> bool:
+        return last or bool(self.every and step % self.every == 0)
+
+    def resume(self, parts: Parts, shape: tuple[ModelShape, str], rows: range) -> tuple[TrainState, torch.Tensor] | None:
+        """Load the run's newest good checkpoint into ``parts``: (its state, the hidden states of
+        ``rows``), or None for a fresh run.  ``shape`` is the (model shape, alphabet) it must have."""
+        url = self._agree_on_resume()
+        if url is None:
+            return None
+        with self.store.local_dir(url) as directory:
+            payload = ckpt.load_model_file(directory)
+            ckpt.check_compatible(payload, *shape)
+            _load_into(parts, directory, payload, self.context.rank)
+            states = ckpt.load_row_states(directory, rows).to(self.context.device)
+        return TrainState.from_payload(payload), states
+
+    def save(self, state: TrainState, parts: Parts, carried: tuple[range, torch.Tensor], meta: dict) -> None:
+        """Save the rows ``carried`` holds (and, on rank 0, the model) and report them with the
+        state's figures; ``meta`` is what else ``model.pt`` records."""
+        rank, world = self.context.rank, self.context.world
+        with tempfile.TemporaryDirectory(prefix="charnn-ckpt-") as directory:
+            ckpt.save_rank_files(directory, rank, *carried)
+            if rank == 0:
+                model = getattr(parts.model, "module", parts.model)  # DDP holds the model itself
+                ckpt.save_model_files(directory, model, parts.optimizer, parts.scheduler,
+                                      {**meta, **state.payload(), "attempt": self.attempt})
+            ckpt.save_checksums(directory, rank, world)
+            inject("kill-in-checkpoint", state.step, rank)
+            self.context.report(state.metrics, directory, ckpt.checkpoint_name(state.step, self.attempt))
+
+    def _agree_on_resume(self) -> str | None:
+        """The checkpoint to resume from, decided by rank 0 for every rank (ranks that each chose
+        for themselves could resume different weights, or hang in a collective, after a read error
+        on one of them); also this attempt's id, which names the checkpoints it writes.
+
+        Rank 0 takes the run directory's newest good checkpoint.  It may be newer than the one the
+        framework registered, when a worker died between saving a checkpoint and the controller
+        registering it; or older, when the registered one was damaged afterwards."""
+        choice = [None, uuid.uuid4().hex[:8], None]
+        if self.context.rank == 0:
+            try:
+                choice[0] = ckpt.latest_checkpoint(self.run_url, self.store)
+                self._say_if_not_registered(choice[0])
+            except (ckpt.CheckpointError, StorageError) as exc:
+                choice[2] = exc
+        if distributed():
+            dist.broadcast_object_list(choice, src=0)
+        if choice[2] is not None:
+            raise choice[2]
+        self.attempt = choice[1]
+        return choice[0]
+
+    def _say_if_not_registered(self, url: str | None) -> None:
+        theirs, name = self.context.registered_checkpoint(), url and basename(url)
+        if theirs and url is None:
+            raise ckpt.CheckpointError(f"checkpoint {theirs} of {self.run_url} is damaged and no earlier one is "
+                                       f"good; delete {self.run_url} to start over")
+        if theirs and name != theirs:
+            newer = ckpt.checkpoint_step_order(name) > ckpt.checkpoint_step_order(theirs)
+            why = "is older than one saved but not yet registered" if newer else "is damaged"
+            say(f"charnn: warning: checkpoint {theirs} {why}; resuming from {name}")
+
+
+def _load_into(parts: Parts, directory: str, payload: dict, rank: int) -> None:
+    getattr(parts.model, "module", parts.model).load_state_dict(payload["model"])
+    saved = ckpt.load_optimizer_file(directory)
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    rng = ckpt.load_rng_file(directory, rank)
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+

@@ -1,0 +1,87 @@
+"""Where a Trainer runs: on one of Ray Train's workers, or alone in this process.
+
+The Trainer asks its context for its rank, the world size and its device, for the checkpoint
+that the framework registered, and to report figures and checkpoints; nothing else in the
+training loop knows about Ray.  ``LocalContext`` runs the very same loop in one process with no
+Ray at all: the benchmarks, the profiler, a GPU check, and tests of the loop itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from charnn.storage import Store, basename, join
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+
+    def registered_checkpoint(self) -> str | None:
+        """The name of the checkpoint the framework would resume from, if any."""
+
+    def report(self, metrics: dict, checkpoint: str | None = None, name: str | None = None) -> None:
+        """Hand ``metrics`` (and the local checkpoint directory ``checkpoint``, to be stored as
+        ``name`` in the run directory) to whoever runs the training."""
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as the step should call it (DDP across workers)."""
+
+
+class RayContext:
+    """A Ray Train worker: ``ray.train``'s context, ``report`` and DDP."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def registered_checkpoint(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint and basename(checkpoint.path)
+
+    def report(self, metrics: dict, checkpoint: str | None = None, name: str | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None,
+                         checkpoint_dir_name=name)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world > 1 else model
+
+
+@dataclass
+class LocalContext:
+    """One process and no Ray: a checkpoint is copied into the run directory, as Ray Train would
+    upload it, and the reports are kept in ``reports``."""
+
+    run_url: str
+    store: Store = field(default_factory=Store)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
+    reports: list = field(default_factory=list)
+
+    def registered_checkpoint(self) -> str | None:
+        return None
+
+    def report(self, metrics: dict, checkpoint: str | None = None, name: str | None = None) -> None:
+        self.reports.append(metrics)
+        if checkpoint:
+            for file in sorted(os.listdir(checkpoint)):
+                with open(os.path.join(checkpoint, file), "rb") as f:
+                    self.store.write(join(self.run_url, name, file), f.read())
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model

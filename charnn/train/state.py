@@ -1,0 +1,29 @@
+"""Where a run is: what a checkpoint carries besides the weights, the optimiser and the hidden
+states.  It maps onto the keys that checkpoints have always held (``step``, ``epoch``,
+``metrics``, ``history``), so runs resume across versions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _no_history() -> dict:
+    return {"train": [], "val": []}
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    train_seconds: float = 0.0  # in training steps, across resumes (validation and checkpoints left out)
+    first_loss: float | None = None  # the global loss of the run's first step
+    history: dict = field(default_factory=_no_history)  # {"train"|"val": [[step, loss], ...]}, for the plot
+    metrics: dict = field(default_factory=dict)  # the figures of the newest report
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "TrainState":
+        metrics = payload.get("metrics") or {}
+        return cls(payload["step"], payload.get("epoch", 0), metrics.get("train_seconds", 0.0),
+                   metrics.get("first_loss"), payload.get("history") or _no_history(), metrics)
+
+    def payload(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "metrics": self.metrics, "history": self.history}

@@ -1,0 +1,180 @@
+"""One worker's training of a run: the Trainer, its step, and the parts that keep their own cadence.
+
+``Trainer.train()`` is the loop: take the step's batch, run ``train_step``, then let each part
+decide whether this step is its turn (the metrics logger, the sampler, the validator, the
+checkpointer).  Where it runs is its ``WorkerContext``: a Ray Train worker
+(``train_loop_per_worker``) or this process alone (``LocalContext``, for benchmarks and tests).
+Hosts sync only at log, validation and checkpoint steps; reports, which block for about 1.5 s
+under Ray Train, happen at validation and checkpoint steps only.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from charnn import checkpoint as ckpt
+from charnn.config import Spec, dump_spec, spec_from_dict
+from charnn.data.alphabet import alphabet_size
+from charnn.data.dataset import Manifest, load_manifest
+from charnn.data.reader import SplitReader
+from charnn.model import CharGRU, ModelShape
+from charnn.sample import GenerateOptions, sample_text
+from charnn.storage import Store, join
+from charnn.train.batches import Batches
+from charnn.train.checkpointer import Checkpointer
+from charnn.train.context import RayContext, WorkerContext
+from charnn.train.faults import inject
+from charnn.train.metrics import MetricsLogger, RunLog, TrainClock, say
+from charnn.train.optim import make_optimizer
+from charnn.train.state import TrainState
+from charnn.train.step import Parts, all_sum, evaluate, train_step
+
+SAMPLE_TOP_K = 5  # samples written to TensorBoard while training
+
+
+def model_shape(spec: Spec, alphabet: str) -> ModelShape:
+    return ModelShape(alphabet_size(alphabet), spec.model.cell_size, spec.model.layers, spec.model.embedding)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker."""
+    spec = spec_from_dict(config["spec"])
+    torch.set_num_threads(spec.cluster.cpus_per_worker)
+    Trainer(spec, config["dataset"], RayContext(), config.get("init_from")).train()
+
+
+class Validator:
+    """Validation loss, accuracy and bits per character over every validation row, at its cadence."""
+
+    def __init__(self, reader: SplitReader, every: int):
+        self.reader, self.every = reader, every
+
+    def should_validate(self, step: int, last: bool) -> bool:
+        return last or bool(self.every and step % self.every == 0)
+
+    def run(self, model: CharGRU, device: torch.device) -> dict:
+        return evaluate(model, self.reader, device)
+
+
+class Trainer:
+    def __init__(self, spec: Spec, dataset_url: str, context: WorkerContext, init_from: str | None = None):
+        self.spec, self.context, self.store = spec, context, Store.of(spec.storage)
+        self.run_url = join(spec.run.storage, spec.run.name)
+        manifest = load_manifest(dataset_url, self.store)
+        self.train_rows = self._reader(dataset_url, manifest, "train")
+        self.validator = Validator(self._reader(dataset_url, manifest, "val"), spec.train.validate_every)
+        # a time budget (train.minutes) ends the run and paces the schedule; else the step count does
+        self.budget_s = spec.train.minutes * 60
+        self.total_steps = None if self.budget_s else spec.train.steps or spec.train.epochs * self.train_rows.steps
+        self.clock = TrainClock()
+        self.alphabet = manifest.alphabet
+        self.model = self._model(init_from)
+        progress = (lambda: min(1.0, self.clock.seconds() / self.budget_s)) if self.budget_s else None
+        optimizer, scheduler = make_optimizer(self.model, spec.train, self.total_steps, spec.cluster.use_gpu, progress)
+        self.parts = Parts(context.wrap(self.model), optimizer, scheduler, spec.train.grad_clip, context.device)
+        torch.manual_seed(spec.train.seed * 1000 + context.rank + 1)  # per-rank dropout streams
+        self.checkpointer = Checkpointer(self.run_url, self.store, context, spec.train.checkpoint_every)
+        self.last_train: dict = {}  # the figures of the newest progress line
+        self.meta = {"alphabet": manifest.alphabet, "spec": dump_spec(spec), "stream": manifest.stream,
+                     "settings": ckpt.resume_settings(spec),
+                     "dataset": {"url": dataset_url, "documents": manifest.documents}}
+
+    def _reader(self, url: str, manifest: Manifest, split: str) -> SplitReader:
+        return SplitReader(url, manifest, split, self.context.rank, self.context.world, self.store)
+
+    def _model(self, init_from: str | None) -> CharGRU:
+        torch.manual_seed(self.spec.train.seed)  # the same initial weights on every rank
+        shape = model_shape(self.spec, self.alphabet)
+        model = CharGRU(shape, self.spec.model.dropout).to(self.context.device)
+        if init_from:  # warm start (retraining): the weights only, a fresh optimiser
+            init = ckpt.load_payload(init_from, self.store)
+            ckpt.check_compatible(init, shape, self.alphabet)
+            model.load_state_dict(init["model"])
+        return model
+
+    def train(self) -> TrainState:
+        """Train from the run's newest good checkpoint (or from scratch) to the end of its steps or
+        its time budget."""
+        state, batches = self._start()
+        if self._done(state):  # a finished run submitted again: report its final figures
+            self.context.report(state.metrics)
+            return state
+        logger = MetricsLogger(self._run_log(state), self.spec.train.log_every, self.total_steps, self.clock)
+        speed, last = (state.step, time.perf_counter()), False
+        while not last:
+            x, y, state.epoch = batches.at(state.step)
+            loss, logits, grad_norm = self.train_step(batches, x, y)
+            state.step += 1
+            inject("kill", state.step, self.context.rank)
+            inject("raise", state.step, self.context.rank)
+            logger.interval.add(loss, logits, y)
+            if state.first_loss is None:
+                state.first_loss = all_sum([loss.item()], self.context.device)[0] / self.context.world
+            last = self._is_last(state)
+            self._after_step(state, logger, (grad_norm, x.numel(), speed, last), batches)
+            inject("pause", state.step, self.context.rank)
+        logger.close()
+        return state
+
+    def _done(self, state: TrainState) -> bool:
+        return state.train_seconds >= self.budget_s if self.budget_s else state.step >= self.total_steps
+
+    def _is_last(self, state: TrainState) -> bool:
+        """Whether this step ends the run; under a time budget every rank agrees, at log steps."""
+        if not self.budget_s:
+            return state.step == self.total_steps
+        if state.step % self.spec.train.log_every:
+            return False
+        return all_sum([float(self.clock.seconds() >= self.budget_s)], self.context.device)[0] > 0
+
+    def train_step(self, batches: Batches, x: torch.Tensor, y: torch.Tensor):
+        """One optimiser step on the rows' carried states: (loss, logits, gradient norm)."""
+        loss, logits, batches.states, grad_norm = train_step(self.parts, x, y, batches.states)
+        return loss, logits, grad_norm
+
+    def _start(self) -> tuple[TrainState, Batches]:
+        rows = self.train_rows.rows
+        resumed = self.checkpointer.resume(self.parts, (model_shape(self.spec, self.alphabet), self.alphabet), rows)
+        state, states = resumed or (TrainState(), self.model.zero_state(len(rows), self.context.device))
+        self.clock.before, self.clock.since = state.train_seconds, time.perf_counter()
+        if resumed and self.context.rank == 0:
+            say(f"charnn: resumed {self.spec.run.name} at step {state.step}/{self.total_steps or '-'}")
+        return state, Batches(self.train_rows, states, self.spec.train.epoch_state, self.context.device)
+
+    def _run_log(self, state: TrainState) -> RunLog | None:
+        return RunLog(self.run_url, self.store, state.step, state.history) if self.context.rank == 0 else None
+
+    def _after_step(self, state: TrainState, logger: MetricsLogger, step_figures: tuple, batches: Batches) -> None:
+        """What this step is the turn of: a progress line, a sample, a validation, a checkpoint."""
+        grad_norm, tokens, (first_step, started), last = step_figures
+        if logger.should_log(state.step, last):
+            lr = self.parts.scheduler.get_last_lr()[0]
+            self.last_train = logger.log_train(state.step, state.epoch, {"lr": lr, "grad_norm": float(grad_norm)},
+                                               self.context.device)
+        if self.context.rank == 0 and self.spec.train.sample_every and state.step % self.spec.train.sample_every == 0:
+            with logger.clock.paused():
+                options = GenerateOptions(length=self.spec.train.sample_length, top_k=SAMPLE_TOP_K)
+                logger.run_log.sample(state.step, "".join(sample_text(self.model, self.alphabet, options)))
+        validate, save = self.validator.should_validate(state.step, last), self.checkpointer.should_save(state.step, last)
+        if validate or save:
+            with logger.clock.paused():
+                state.train_seconds = logger.clock.before
+                speed = (state.step - first_step) * tokens * self.context.world / (time.perf_counter() - started)
+                state.metrics = self._figures(state, speed)
+                if validate:
+                    state.metrics.update(self.validator.run(self.model, self.context.device))
+                    logger.log_val(state.step, state.metrics)
+                logger.flush()
+                self._report(state, save, batches)
+
+    def _figures(self, state: TrainState, tokens_per_s: float) -> dict:
+        return {"step": state.step, "epoch": state.epoch, "first_loss": state.first_loss,
+                "train_seconds": state.train_seconds, **{f"train_{k}": v for k, v in self.last_train.items()},
+                "tokens_per_s": tokens_per_s}
+
+    def _report(self, state: TrainState, save: bool, batches: Batches) -> None:
+        if save:
+            self.checkpointer.save(state, self.parts, (self.train_rows.rows, batches.states), self.meta)
+        else:
+            self.context.report(state.metrics)

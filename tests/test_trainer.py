@@ -1,0 +1,78 @@
+"""The Trainer itself, in this process (``LocalContext``, no Ray Train): the loop the workers run,
+its checkpoints, its records, an exact resume, and a time budget."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from charnn.config import load_spec
+from charnn.data.build import DatasetRequest, build_dataset
+from charnn.storage import Store
+from charnn.train.context import LocalContext
+from charnn.train.metrics import read_points
+from charnn.train.trainer import Trainer
+from support.jobs import write_corpus
+
+pytestmark = pytest.mark.ray  # the dataset is built by Ray tasks; the training is not
+
+
+def smoke(tmp_path, name: str, *overrides: str):
+    return load_spec("jobs/specs/smoke.yaml", [
+        f"data.sources=[{tmp_path / 'corpus'}]", f"data.dataset_root={tmp_path / 'datasets'}",
+        f"run.storage={tmp_path / 'runs'}", f"run.name={name}", "cluster.num_workers=1",
+        "train.batch_per_worker=4", "train.log_every=1", "model.dropout=0.0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    write_corpus(root / "corpus", documents=6, lines=14, seed=5)
+    return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any")))
+
+
+def train(root, name: str, *overrides: str):
+    spec = smoke(root, name, *overrides)
+    context = LocalContext(str(root / "runs" / name), Store())
+    return Trainer(spec, dataset_url(root), context).train(), context
+
+
+def dataset_url(root) -> str:
+    (manifest,) = (root / "datasets").glob("*/manifest.json")
+    return str(manifest.parent)
+
+
+def test_the_loop_trains_checkpoints_and_records_without_ray(dataset):
+    root, _ = dataset
+    state, context = train(root, "local", "train.steps=20", "train.checkpoint_every=10", "train.validate_every=10")
+    assert state.step == 20 and [r["step"] for r in context.reports] == [10, 20]
+    points = read_points(Store(), str(root / "runs" / "local"))
+    assert [p["step"] for p in points["val"]] == [10, 20] and len(points["train"]) == 20
+    assert points["train"][-1]["loss"] < points["train"][0]["loss"]
+    checkpoints = sorted(p.name for p in (root / "runs" / "local").glob("checkpoint_*"))
+    assert [c[:20] for c in checkpoints] == ["checkpoint_000000010", "checkpoint_000000020"]
+    assert json.loads((root / "runs" / "local" / checkpoints[-1] / "checksums-rank0000.json").read_text())["world"] == 1
+
+
+def test_a_local_run_resumes_exactly(dataset):
+    root, _ = dataset
+    train(root, "whole", "train.steps=16", "train.checkpoint_every=8")
+    train(root, "halves", "train.steps=8", "train.checkpoint_every=8")
+    state, _ = train(root, "halves", "train.steps=16", "train.checkpoint_every=8")
+    assert state.step == 16
+    whole, halves = (read_points(Store(), str(root / "runs" / n))["train"] for n in ("whole", "halves"))
+    assert [p["loss"] for p in halves] == pytest.approx([p["loss"] for p in whole], rel=1e-5)
+    weights = [torch.load(sorted((root / "runs" / n).glob("checkpoint_000000016_*"))[0] / "model.pt",
+                          weights_only=True)["model"] for n in ("whole", "halves")]
+    for key, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][key], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_a_time_budget_ends_the_run_and_paces_the_schedule(dataset):
+    root, _ = dataset
+    state, _ = train(root, "timed", "train.minutes=0.02", "train.log_every=5", "train.schedule=cosine",
+                     "train.min_lr_ratio=0.1", "train.checkpoint_every=0")
+    assert state.train_seconds >= 1.2 and state.step % 5 == 0
+    last = read_points(Store(), str(root / "runs" / "timed"))["train"][-1]
+    assert last["lr"] == pytest.approx(0.01 * 0.1, rel=0.05)  # the cosine has reached its floor with the time

@@ -21,6 +21,24 @@ def pytest_configure(config):
     each inherits os.environ."""
     _ENV_BEFORE.update({key: os.environ.get(key) for key in SESSION_ENV})
     os.environ.update(SESSION_ENV)
+    make_ray_token()
+
+
+def make_ray_token() -> None:
+    """The first Ray to start writes ~/.ray/auth_token when there is none, without O_EXCL: two
+    pytest workers starting Rays at once on a fresh machine would each write their own and one
+    cluster would refuse the other's clients.  So the token is made here, before any worker, as
+    Ray makes it (64 hex digits)."""
+    import secrets
+
+    token = Path.home() / ".ray" / "auth_token"
+    token.parent.mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
 
 def pytest_unconfigure(config):
@@ -65,10 +83,15 @@ def bucket(moto_s3, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    cluster = RayCluster(tmp_path_factory.mktemp("ray")).start()
-    yield cluster
-    cluster.stop()
+def ray_cluster():
+    """A `ray start --head` cluster for the session.  Its temp dir is short: Ray's socket paths in it
+    must stay under 108 bytes, and pytest-xdist's basetemp (.../pytest-N/popen-gwK/) is too deep."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="charnn-ray-", ignore_cleanup_errors=True) as temp_dir:
+        cluster = RayCluster(Path(temp_dir)).start()
+        yield cluster
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +103,9 @@ def smoke_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def two_workers(smoke_root) -> dict:
+def two_workers(smoke_root, ray_cluster) -> dict:
     """The uninterrupted reference: 2 workers x 4 rows, 30 steps (run "two-workers")."""
-    _, result = train_smoke(smoke_root, "two-workers", 2, 30)
+    _, result = train_smoke(smoke_root, "two-workers", 2, 30, cluster=ray_cluster)
     return result
 
 

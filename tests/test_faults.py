@@ -78,7 +78,8 @@ def test_workers_killed_mid_step_and_mid_checkpoint_are_restarted_and_resume(roo
                               "final loss vs uninterrupted": f"{diff:.1e}"})
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterrupted, killed, record_property):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterrupted, killed, ray_cluster,
+                                                                 record_property):
     import shutil
 
     shutil.copytree(root / "runs" / "killed", root / "runs" / "damaged")  # a finished run with 3 checkpoints
@@ -87,7 +88,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterr
     carry = next(newest.glob("carry-rows-*.pt"))
     carry.write_bytes(carry.read_bytes()[: carry.stat().st_size // 2])  # a truncated file
 
-    proc, result = train_smoke(root, "damaged", 2, STEPS, "--set", f"train.checkpoint_every={EVERY}")
+    proc, result = train_smoke(root, "damaged", 2, STEPS, "--set", f"train.checkpoint_every={EVERY}", cluster=ray_cluster)
     assert f"skipping checkpoint {newest}: {carry.name} does not match its checksum" in proc.stderr
     assert f"checkpoint {newest.name} is damaged" in proc.stdout and resumed_at(proc.stdout, "damaged") == [20]
     diff = same_run(root, "damaged", result, uninterrupted)

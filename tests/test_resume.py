@@ -51,20 +51,20 @@ def test_other_settings_or_too_few_steps_are_refused_before_ray_starts(root, fin
     assert proc.returncode == 2 and "is at step 30, past train.steps=20" in proc.stderr
 
 
-def test_other_data_is_refused_and_force_resumes_anyway(root, finished):
+def test_other_data_is_refused_and_force_resumes_anyway(root, finished, ray_cluster):
     copy_run(root, finished, "other-data")
     corpus = root / "corpus-grown"
     shutil.copytree(root / "corpus", corpus)
     write_corpus(corpus, 1, 14, seed=99, prefix="added")
     grown = ("--set", f"data.sources=[{corpus}]")
-    proc, _ = train_smoke(root, "other-data", 2, 32, *grown, check=False)
+    proc, _ = train_smoke(root, "other-data", 2, 32, *grown, check=False, cluster=ray_cluster)
     assert proc.returncode == 2 and "was trained with other the data" in proc.stderr
-    proc, result = train_smoke(root, "other-data", 2, 32, *grown, "--set", "run.resume=force")
+    proc, result = train_smoke(root, "other-data", 2, 32, *grown, "--set", "run.resume=force", cluster=ray_cluster)
     assert "resuming other-data despite other the data" in proc.stderr
     assert "resumed other-data at step 30/32" in proc.stdout and result["steps"] == 32
 
 
-def test_a_final_checkpoint_that_ray_never_registered_is_the_result(root, finished):
+def test_a_final_checkpoint_that_ray_never_registered_is_the_result(root, finished, ray_cluster):
     """A worker died after all ranks saved the final checkpoint and before Ray Train registered
     it: a rerun resumes at the end, and its result is that checkpoint, not an earlier one or None."""
     run = copy_run(root, finished, "orphan")
@@ -73,16 +73,16 @@ def test_a_final_checkpoint_that_ray_never_registered_is_the_result(root, finish
     snapshot["latest_checkpoint_result"] = None
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     (final,) = [p for p in run.glob("checkpoint_*") if p.is_dir()]
-    proc, result = train_smoke(root, "orphan", 2, 30)
+    proc, result = train_smoke(root, "orphan", 2, 30, cluster=ray_cluster)
     assert result["steps"] == 30 and result["checkpoint"] == str(final), proc.stdout[-2000:]
     assert result["val_loss"] == pytest.approx(
         torch.load(final / "model.pt", weights_only=True)["metrics"]["val_loss"])
 
 
-def test_a_record_that_ray_cannot_read_is_set_aside(root, finished):
+def test_a_record_that_ray_cannot_read_is_set_aside(root, finished, ray_cluster):
     run = copy_run(root, finished, "bad-record")
     (run / "checkpoint_manager_snapshot.json").write_text('{"ray_version": "2.60.0", "checkpoint_res')
-    proc, result = train_smoke(root, "bad-record", 2, 30)
+    proc, result = train_smoke(root, "bad-record", 2, 30, cluster=ray_cluster)
     assert "Ray Train's record of" in proc.stderr and "is unusable (it cannot be read" in proc.stderr
     assert result["steps"] == 30 and list(run.glob("checkpoint_manager_snapshot.json.unusable-*"))
 

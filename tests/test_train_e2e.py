@@ -103,13 +103,13 @@ def test_train_rejects_a_bad_spec_key_before_starting_ray(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_checkpoints_and_run_files_in_s3(tmp_path, moto_s3, bucket):
+def test_checkpoints_and_run_files_in_s3(tmp_path, moto_s3, bucket, ray_cluster):
     write_corpus(tmp_path / "corpus", documents=6, lines=60, seed=4)
     source = moto_s3.upload_dir(bucket, "corpus", tmp_path / "corpus")
     _, result = run_job(
         "train.py", "--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{source}]",
         "--set", f"data.dataset_root=s3://{bucket}/datasets", "--set", f"run.storage=s3://{bucket}/runs",
-        "--set", f"storage.endpoint_url={moto_s3.endpoint}", "--set", "train.steps=20",
+        "--set", f"storage.endpoint_url={moto_s3.endpoint}", "--set", "train.steps=20", cluster=ray_cluster,
     )
     assert result["checkpoint"].startswith(f"s3://{bucket}/runs/smoke/checkpoint_")
     keys = {o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/smoke/")["Contents"]}

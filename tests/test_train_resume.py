@@ -1,12 +1,14 @@
-"""Carried state, W-invariance and exact resume, through jobs/train.py on a real local Ray.
+"""Carried state, W-invariance and exact resume, through jobs/train.py joined to a real `ray start` cluster.
 
 Every run trains the smoke model with dropout 0 and logs the global train loss every step
 to TensorBoard; runs are compared on those curves.
 """
+import functools
+
 import pytest
 import torch
 
-from support.jobs import tb_losses as losses, train_smoke as train
+from support.jobs import tb_losses as losses, train_smoke
 
 pytestmark = pytest.mark.ray
 
@@ -17,7 +19,13 @@ def root(smoke_root):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(root, two_workers):
+def train(ray_cluster):
+    """train_smoke, joined to the session's `ray start` cluster."""
+    return functools.partial(train_smoke, cluster=ray_cluster)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root, two_workers, train):
     _, one = train(root, "one-worker", 1, 30)
     return one, two_workers
 
@@ -32,7 +40,7 @@ def test_loss_curve_does_not_depend_on_how_rows_are_split(root, uninterrupted):
 
 
 @pytest.fixture(scope="module")
-def partial(root) -> str:
+def partial(root, train) -> str:
     """A run stopped after 12 of 30 steps (2 workers); tests resume copies of it."""
     _, first = train(root, "partial", 2, 12)
     assert first["steps"] == 12
@@ -45,7 +53,7 @@ def resume_copy(root, partial: str, name: str) -> None:
     shutil.copytree(root / "runs" / partial, root / "runs" / name)
 
 
-def test_exact_resume_continues_with_the_carried_state(root, uninterrupted, partial):
+def test_exact_resume_continues_with_the_carried_state(root, uninterrupted, partial, train):
     resume_copy(root, partial, "resumed")
     proc, second = train(root, "resumed", 2, 30)
     assert "resumed resumed at step 12/30" in proc.stdout
@@ -58,7 +66,7 @@ def test_exact_resume_continues_with_the_carried_state(root, uninterrupted, part
         torch.testing.assert_close(saved["model"][key], tensor, rtol=1e-5, atol=1e-7)
 
 
-def test_resume_on_another_number_of_workers(root, uninterrupted, partial):
+def test_resume_on_another_number_of_workers(root, uninterrupted, partial, train):
     resume_copy(root, partial, "regrouped")
     proc, _ = train(root, "regrouped", 1, 30)
     assert "resumed regrouped at step 12/30" in proc.stdout
@@ -67,7 +75,7 @@ def test_resume_on_another_number_of_workers(root, uninterrupted, partial):
         assert resumed[step] == pytest.approx(full[step], rel=1e-4), step
 
 
-def test_a_spec_of_another_model_shape_is_refused_before_training(root, uninterrupted):
+def test_a_spec_of_another_model_shape_is_refused_before_training(root, uninterrupted, train):
     proc, _ = train(root, "one-worker", 1, 40, "--set", "model.cell_size=48", check=False)
     assert proc.returncode == 2
     assert "checkpoint is a gorner98 model" in proc.stderr and "cell_size=32" in proc.stderr

@@ -26,5 +26,7 @@ LOOPBACK_ENV = read_env_file(REPO / "loopback.env")
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 SESSION_ENV = {**LOOPBACK_ENV, **FAKE_AWS_ENV}
 # Ray Train's controller polls its workers every 2 s; the tests' runs are seconds long, so they
-# spend much of their time waiting on that poll.  Ray Train propagates this to its actors.
-FAST_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# spend much of their time waiting on that poll.  Its preemption watcher is one more actor process
+# per worker group (3 s of a loaded core here), for the spot nodes that tests never have.  Ray
+# Train propagates both to its actors.
+FAST_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}

@@ -30,10 +30,17 @@ def write_corpus(directory: Path, documents: int, lines: int, seed: int = 0, pre
     return paths
 
 
-def run_job(script: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600):
-    """Run an entry point as a user would; returns (completed process, parsed last JSON line or None)."""
-    full_env = {**os.environ, **LOOPBACK_ENV, **FAST_TRAIN_ENV, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None) if env is None or "RAY_ADDRESS" not in env else None
+def run_job(script: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600,
+            cluster=None):
+    """Run an entry point as a user would; returns (completed process, parsed last JSON line or None).
+
+    With no ``cluster`` the job starts its own embedded Ray, the default a user gets.  With a
+    ``RayCluster`` it joins that cluster as its driver (RAY_ADDRESS), as it runs under `ray job
+    submit`: about 20 s less per job here.  Its workers then have the cluster's environment, so
+    ``env`` reaches the driver only."""
+    full_env = {**os.environ, **LOOPBACK_ENV, **FAST_TRAIN_ENV}
+    full_env.pop("RAY_ADDRESS", None)
+    full_env.update({**(cluster.driver_env if cluster else {}), **(env or {})})
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
@@ -51,7 +58,7 @@ def last_json(text: str) -> dict | None:
 def train_smoke(root: Path, name: str, workers: int, steps: int, *extra: str, **options):
     """jobs/train.py on the smoke model over ``root/corpus``: dropout 0, the global loss logged every
     step, no checkpoints or validation unless ``extra`` asks for them.  ``options`` go to run_job
-    (env, check, timeout)."""
+    (env, check, timeout, cluster)."""
     return run_job(
         "train.py", "--spec", "jobs/specs/smoke.yaml",
         "--set", f"data.sources=[{root / 'corpus'}]", "--set", f"data.dataset_root={root / 'datasets'}",

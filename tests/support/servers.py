@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """moto's S3 server on 127.0.0.1, started and stopped by the tests."""
+    """moto's S3 server on 127.0.0.1 (conditional writes made atomic: atomic_moto.py), started and
+    stopped by the tests."""
 
     def __init__(self, env: dict | None = None):
         self.port = free_port()
@@ -33,8 +34,8 @@ class MotoServer:
         self.proc = None
 
     def start(self) -> "MotoServer":
-        moto = Path(sys.executable).with_name("moto_server")
-        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], env=self.env,
+        server = Path(__file__).with_name("atomic_moto.py")
+        self.proc = subprocess.Popen([sys.executable, str(server), str(self.port)], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         for _ in range(100):
@@ -77,8 +78,13 @@ class RayCluster:
 
     def start(self) -> "RayCluster":
         self.gcs_port = free_port()
+        # Ports of its own: `make test` runs two of these clusters at once (one per pytest worker),
+        # beside embedded Rays, and the default agent port (52365) is one per machine; a head whose
+        # dashboard agent cannot bind it dies.
+        ports = [f"--{name}-port={free_port()}" for name in (
+            "dashboard-agent-listen", "dashboard-agent-grpc", "ray-client-server", "runtime-env-agent", "metrics-export")]
         subprocess.run([self.ray, "start", "--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=2",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", *ports, "--num-cpus=2",
                         "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
                        env=self.env, check=True, capture_output=True, timeout=180)
         return self
@@ -98,6 +104,11 @@ class RayCluster:
             while processes and time.monotonic() < deadline:
                 processes = [p for p in processes if os.path.exists(f"/proc/{p}")]
                 time.sleep(0.2)
+
+    @property
+    def driver_env(self) -> dict:
+        """What a process needs to join this cluster as a driver (a plain ``ray.init()``)."""
+        return {"RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}", "RAY_AUTH_MODE": "token"}
 
     def job_command(self, submission_id: str, script: str, *args: str, wait: bool = True) -> list[str]:
         return [self.ray, "job", "submit", "--address", self.address, "--submission-id", submission_id,

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKSUMS = "checksums-rank{rank:04d}.json"
 READ_ATTEMPTS = 3  # a checkpoint store that cannot be read is asked again this often, then it is an error
+HASH_CHUNK = 4 * 1024 * 1024  # bytes a checksum reads at a time: memory stays bounded whatever a file's size
 
 log = logging.getLogger("charnn.checkpoint")
 
@@ -70,10 +72,25 @@ def checkpoint_name(step: int, attempt: str) -> str:
     return f"checkpoint_{step:09d}_{attempt}"
 
 
+# checkpoint_<step>_<generation>_<random hex>, or checkpoint_<step>_<random hex> before generations
+STEP_NAME = re.compile(r"checkpoint_(\d{9})_(?:(\d+)_)?\w+")
+
+
+def new_attempt(resumed: str | None) -> str:
+    """The id of an attempt that resumes the checkpoint named ``resumed`` (None: a fresh run):
+    one generation more than that checkpoint's, then random hex.  So its checkpoints sort after
+    the one it resumed even at the same step, as when a run that stopped at a checkpoint is
+    finished there (``checkpoint_step_order``)."""
+    match = resumed and STEP_NAME.fullmatch(resumed)
+    generation = int(match.group(2) or 0) if match else 0
+    return f"{generation + 1:04d}_{uuid.uuid4().hex[:8]}"
+
+
 def checkpoint_step_order(name: str) -> tuple:
-    """Sort key: step-named checkpoints by step; Ray's time-named ones (before step names) first."""
-    match = re.fullmatch(r"checkpoint_(\d{9})_\w+", name)
-    return (1, int(match.group(1)), name) if match else (0, 0, name)
+    """Sort key: step-named checkpoints by step, then by generation (those named before
+    generations first); Ray's time-named ones (before step names) before all."""
+    match = STEP_NAME.fullmatch(name)
+    return (1, int(match.group(1)), int(match.group(2) or 0), name) if match else (0, 0, 0, name)
 
 
 def checkpoint_problem(url: str, store: Store = Store()) -> str | None:
@@ -94,13 +111,23 @@ def checkpoint_problem(url: str, store: Store = Store()) -> str | None:
             for file, digest in json.loads(fs.cat_file(f"{path}/{name}"))["files"].items():
                 if file not in present:
                     return f"{file} is missing"
-                if hashlib.sha256(fs.cat_file(f"{path}/{file}")).hexdigest() != digest:
+                if file_sha256(fs, f"{path}/{file}") != digest:
                     return f"{file} does not match its checksum (damaged or partly written)"
     except (ValueError, KeyError, TypeError) as exc:
         return f"its checksums cannot be read ({type(exc).__name__})"
     except FileNotFoundError as exc:
         return f"{_basename(str(exc.filename or exc))} vanished while it was checked"
     return None
+
+
+def file_sha256(fs, path: str) -> str:
+    """The SHA-256 of a file on ``fs``, read in HASH_CHUNK blocks (optimizer.pt alone is twice the
+    weights: read whole, a large model's would cost gigabytes on the driver and on rank 0)."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb", block_size=HASH_CHUNK) as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _basename(path: str) -> str:
@@ -190,17 +217,22 @@ def load_rng_file(directory: str, rank: int) -> dict | None:
     return _load(path) if os.path.exists(path) else None
 
 
-def latest_checkpoint(run_url: str, store: Store = Store()) -> str | None:
-    """URL of a run's newest good checkpoint (the highest step), if any.  Damaged ones are
-    skipped with a warning; a store that cannot be read is retried, never taken for damage."""
+def checkpoint_names(run_url: str, store: Store = Store()) -> list[str]:
+    """The names of a run's checkpoint directories, oldest first (nothing read but the listing)."""
     def names():
         fs, path = store.fs(run_url)
         fs.invalidate_cache()
         if not fs.exists(path):
             return []
-        return sorted((_basename(e["name"]) for e in fs.ls(path, detail=True) if e["type"] == "directory"),
-                      key=checkpoint_step_order)
-    for name in reversed([n for n in _retried("list the checkpoints of", run_url, names) if n.startswith("checkpoint_")]):
+        return [_basename(e["name"]) for e in fs.ls(path, detail=True) if e["type"] == "directory"]
+    found = _retried("list the checkpoints of", run_url, names)
+    return sorted((n for n in found if n.startswith("checkpoint_")), key=checkpoint_step_order)
+
+
+def latest_checkpoint(run_url: str, store: Store = Store()) -> str | None:
+    """URL of a run's newest good checkpoint (the highest step), if any.  Damaged ones are
+    skipped with a warning; a store that cannot be read is retried, never taken for damage."""
+    for name in reversed(checkpoint_names(run_url, store)):
         url = run_url.rstrip("/") + "/" + name
         problem = _retried("check checkpoint", url, lambda: checkpoint_problem(url, store))
         if problem is None:

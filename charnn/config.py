@@ -120,6 +120,8 @@ class ClusterConfig:
     max_failures: StrictInt = Field(0, ge=0)
     # how long a remote (autoscaling) cluster may take to offer the workers
     resource_timeout_s: StrictInt = Field(600, ge=0)
+    # how long starting an embedded Ray or reaching RAY_ADDRESS's cluster may take; then exit 75
+    connect_timeout_s: StrictInt = Field(120, gt=0)
 
 
 @dataclass(config=_SECTION)

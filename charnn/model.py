@@ -8,6 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charnn.errors import UserError
+
+
+class OutputsNotFinite(UserError):
+    """A model whose outputs are NaN or inf (weights that a diverged training left): there is
+    nothing to sample from."""
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -82,6 +89,9 @@ class CharGRU(nn.Module):
                 # 0 at any temperature > 0 and the others <= 0 (-inf at a tiny one), so softmax never
                 # sees inf - inf (NaN); a tiny temperature samples the argmax, a huge one evenly.
                 scores = logits[0, -1].to("cpu", torch.float64)
+                if not torch.isfinite(scores).all():
+                    raise OutputsNotFinite("the model's outputs are not finite (its weights hold NaN or inf, as a "
+                                           "diverged training leaves them); use another checkpoint")
                 scores = (scores - scores.max()) / temperature
                 if top_k:
                     kth = torch.topk(scores, top_k).values[-1]

@@ -11,8 +11,10 @@ from charnn.storage import Store
 from charnn.errors import UserError
 from charnn.data.alphabet import alphabet_size, decode, encode_text
 from charnn.checkpoint import load_model
+from charnn.model import OutputsNotFinite
 
 log = logging.getLogger("charnn.generate")
+SEED_LIMIT = 2 ** 64  # torch's generators take seeds below this (negative ones only as aliases of large ones)
 
 
 class GenerateError(UserError):
@@ -36,6 +38,8 @@ class GenerateOptions:
             raise GenerateError(f"--top-k must lie in 0..{vocab} (0: no limit), got {self.top_k}")
         if not self.prime:
             raise GenerateError("--prime must hold at least one character")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise GenerateError(f"--seed must lie in 0..{SEED_LIMIT - 1} (2**64 - 1), got {self.seed}")
 
 
 def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]:
@@ -52,4 +56,7 @@ def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]
 
 def stream_text(url: str, options: GenerateOptions, store: Store = Store()) -> Iterator[str]:
     model, payload = load_model(url, store)
-    yield from sample_text(model, payload["alphabet"], options)
+    try:
+        yield from sample_text(model, payload["alphabet"], options)
+    except OutputsNotFinite as exc:
+        raise OutputsNotFinite(f"{url}: {exc}") from None

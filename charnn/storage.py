@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 import fsspec
 import fsspec.asyn
 
-from charnn.errors import UserError
+from charnn.errors import Busy, UserError
 
 # Attempts per S3 request when the spec says nothing: standard mode backs off exponentially
 # (up to 20 s), so an endpoint that is away for tens of seconds costs a pause, not the run.
@@ -149,15 +150,40 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True) 
 
     Locally it is written under a temporary name and renamed into place (``durable``: synced
     to disk before the rename, and its directory after).  An object store makes an object
-    visible when its upload completes; a write that fails midway may still complete a partial
-    object, which is harmless here: nothing names one before the manifest or index that is
-    written last."""
-    if not is_local(fs):
-        with fs.open(path, "wb") as f:
+    visible when its upload completes, which happens only when the block ends without an
+    exception: on one, the upload is thrown away (an S3 multipart upload is aborted) and nothing
+    appears under ``path``, since a reader that lists a directory (the document cache's
+    index) would take a torn object for a whole one."""
+    if is_local(fs):
+        with _local_atomic(path, durable) as f:
             yield f
         return
-    with _local_atomic(path, durable) as f:
+    f = fs.open(path, "wb")
+    try:
         yield f
+        f.close()  # the upload completes here
+    except BaseException:
+        _abandon_upload(f)
+        raise
+
+
+def _abandon_upload(f: Any) -> None:
+    """Throw away an unfinished upload.  fsspec's ``__exit__``, ``close`` and even ``__del__``
+    would complete it, whole or not, so the file is also marked closed."""
+    with contextlib.suppress(Exception):  # the error that brought us here matters more
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()  # s3fs: AbortMultipartUpload of the parts sent so far
+    with contextlib.suppress(Exception):
+        f.closed = True
+
+
+def url_key(url: str) -> str:
+    """What identifies a document by its URL wherever one is compared or looked up (the
+    document cache, a dataset's and a model version's sources): the SHA-256 (hex) of the raw
+    URL.  Masking (``redact``) is for display only: it can make two URLs one string
+    (``.../auth=public/a.txt`` and ``.../b.txt`` both become ``.../auth=***``)."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @contextlib.contextmanager
@@ -210,7 +236,7 @@ _URL_TAIL = re.compile(r"(?<=://)(?:(?!://)[^\s\"<>])+")  # after "://", up to a
 _AUTHORITY_END = re.compile(r"[/?#]")
 # Names whose value is a secret in "name: VALUE" (config lines, headers, JSON) ...
 _COLON_NAMES = (r"access[_-]?token|refresh[_-]?token|session[_-]?token|security-token|token|client[_-]?secret"
-                r"|secret[_-]?access[_-]?key|secret|password|passwd|api[_-]?key|apikey|private[_-]?key")
+                r"|secret[_-]?access[_-]?key|secret|password|passwd|passphrase|api[_-]?key|apikey|private[_-]?key|jwt")
 # ... and in "name=VALUE" (query strings, environment, command lines), where a few more are clear;
 # a bare "key=" only as a query parameter (?key=, &key=): elsewhere it is any key.
 _EQUALS_NAMES = _COLON_NAMES + r"|id[_-]?token|pwd|credentials?|signature|sig|auth"
@@ -233,10 +259,12 @@ _SECRETS = (
     (re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*[0-9]|[A-Za-z0-9._~+/-]{20})[A-Za-z0-9._~+/-]+=*"), r"\1***"),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "AKIA***"),  # AWS access key ids
     (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "AIza***"),  # Google API keys
+    (re.compile(r"\b(gh[pousr]_|github_pat_|hf_)[A-Za-z0-9_]{20,}"), r"\1***"),  # GitHub and Hugging Face tokens
+    (re.compile(r"(?i)\b((?:set-)?cookie[\"']?\s*:\s*)[^\r\n\"']+"), r"\1***"),  # a Cookie header: every value
 )
 # Every text that ``redact`` changes matches this (an Arrow/RE2 regex): ``redact_urls`` skips the
 # arrays that do not.  tests/test_secrets.py checks the two agree.
-_MAY_HOLD_SECRETS = r"(?i)@|token|secret|passw|pwd|key|credential|sig|auth|bearer|akia|asia|aiza"
+_MAY_HOLD_SECRETS = r"(?i)@|token|secret|passw|passphrase|pwd|key|credential|sig|auth|bearer|akia|asia|aiza|jwt|cookie|gh[pousr]_|github_pat_|hf_"
 
 
 def _mask_userinfo(match: "re.Match[str]") -> str:
@@ -322,23 +350,56 @@ def _makedirs_synced(directory: str) -> None:
         sync_directory(os.path.dirname(path))
 
 
+LOCK_WAIT_S = 30.0  # how long a local compare-and-swap waits for the lock before it counts as busy
+
+
+class LockBusy(Busy):
+    """A local lock file held longer than ``LOCK_WAIT_S`` (its holder frozen, or a stuck disk)."""
+
+
 @contextlib.contextmanager
-def local_lock(path: str) -> Iterator[None]:
-    """An exclusive lock on the file ``path`` (created if needed), across processes and threads.
+def local_lock(path: str, wait_s: float | None = None) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created if needed), across processes and threads,
+    waited for at most ``wait_s`` (default ``LOCK_WAIT_S``), then ``LockBusy``: a holder that is
+    frozen (SIGSTOP, a paused VM, a stuck fsync on NFS) must not hang every other job.
 
     ``flock`` on the lock's own descriptor: released when that descriptor closes, also if the
     process dies.  On NFS, Linux turns it into a POSIX lock that needs the NFS lock manager
     (lockd on NFSv3, built into NFSv4); a ``nolock`` mount makes it local to each host."""
     import fcntl  # POSIX only, like the rest of the local registry's guarantees
 
-    with _LOCAL_CAS:
+    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
+    if not _LOCAL_CAS.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise LockBusy(_lock_busy_message(path))
+    try:
         _makedirs_synced(os.path.dirname(path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock_until(fcntl, fd, deadline, path)
             yield
         finally:
             os.close(fd)
+    finally:
+        _LOCAL_CAS.release()
+
+
+def _flock_until(fcntl, fd: int, deadline: float, path: str) -> None:
+    pause = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockBusy(_lock_busy_message(path)) from None
+            time.sleep(pause)
+            pause = min(0.25, pause * 2)
+
+
+def _lock_busy_message(path: str) -> str:
+    return (f"the lock file {path} is held by another job for longer than its wait (a frozen or stuck process?); "
+            f"this one stops without writing: try again later, or stop the process that holds it "
+            f"(`fuser {path}` names it)")
 
 
 def s3_refusal(exc: BaseException) -> str | None:

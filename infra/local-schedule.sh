@@ -5,7 +5,8 @@
 # Starts the local head of infra/local-cluster.sh when none answers (127.0.0.1, token auth on),
 # submits jobs/retrain.py with the repository as working_dir, waits for it, and exits with
 #   0   the retrain finished (skipped, promoted or rejected: see the last JSON line of its log)
-#   75  another retrain holds the registry's lease (nothing written)
+#   75  try again later, nothing written: another retrain holds the registry's lease, or the
+#       Ray cluster did not answer within cluster.connect_timeout_s
 #   1   it failed (ray job submit's status), 2 a usage error
 # The head stays up for the next run; `infra/local-cluster.sh stop` ends it.
 # From cron (crontab -e): nightly at 02:30, never two at once (flock -E 75 says "busy" as 75 too):
@@ -29,7 +30,7 @@ id="charnn-retrain-$(date -u +%Y%m%dT%H%M%SZ)-$$"
 rc=0
 ray job submit --address "$DASHBOARD" --working-dir . --submission-id "$id" \
   -- python jobs/retrain.py --spec "$spec" "$@" || rc=$?
-# `ray job submit` exits 1 for any failed job; pass the lease conflict on as 75.
+# `ray job submit` exits 1 for any failed job; pass "try again later" (busy, Ray away) on as 75.
 if (( rc != 0 )) && ray job status --address "$DASHBOARD" "$id" 2>/dev/null \
     | grep -q 'failed with exit code 75'; then
   rc=75

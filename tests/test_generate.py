@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from charnn.sample import GenerateOptions, sample_text
+from charnn.checkpoint import load_model
+from charnn.errors import UserError
+from charnn.sample import GenerateError, GenerateOptions, sample_text, stream_text
 from charnn.model import CharGRU, ModelShape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,15 +94,62 @@ def test_sample_text_at_a_tiny_temperature():
     assert text == "".join(sample_text(model, "gorner98", GenerateOptions(prime="KING", length=40, temperature=1e-300, seed=5)))
 
 
-def test_generate_py_at_a_tiny_temperature_exits_cleanly(tmp_path):
-    directory = tmp_path / "ckpt"
+def save_checkpoint(directory: Path, model: CharGRU) -> Path:
+    """``model`` as a checkpoint directory that jobs/generate.py reads (its model.pt alone)."""
     directory.mkdir()
-    model = tiny_model()
     torch.save({"format": "charnn.checkpoint/1", "model": model.state_dict(), "shape": model.shape.to_dict(),
                 "alphabet": "gorner98"}, directory / "model.pt")
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), "--checkpoint", str(directory),
-                           "--temperature", "1e-40", "--length", "50", "--top-k", str(VOCAB)],
+    return directory
+
+
+def generate_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "generate.py"), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ})
+
+
+def test_generate_py_at_a_tiny_temperature_exits_cleanly(tmp_path):
+    directory = save_checkpoint(tmp_path / "ckpt", tiny_model())
+    proc = generate_py("--checkpoint", str(directory), "--temperature", "1e-40", "--length", "50", "--top-k", str(VOCAB))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert len(proc.stdout.rstrip("\n")) >= 50
+
+
+def nan_model() -> CharGRU:
+    """A model with one NaN weight, as a diverged training leaves it: every output is NaN."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.gru.weight_hh_l0[0, 0] = float("nan")
+    return model
+
+
+def test_a_checkpoint_of_nan_weights_loads_but_sampling_it_is_one_line(tmp_path):
+    directory = save_checkpoint(tmp_path / "nan", nan_model())
+    model, _ = load_model(str(directory))  # loading it works: retrain evaluates such a checkpoint
+    assert torch.isnan(model.gru.weight_hh_l0[0, 0])
+    with pytest.raises(UserError) as raised:
+        "".join(stream_text(str(directory), GenerateOptions(length=20)))
+    message = str(raised.value)
+    assert raised.value.exit_status == 2 and "\n" not in message
+    assert "not finite" in message and "use another checkpoint" in message and str(directory) in message
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -1, -2 ** 63 - 1])
+def test_a_seed_out_of_range_is_one_line(seed):
+    with pytest.raises(GenerateError, match=r"^--seed must lie in 0\.\.18446744073709551615 \(2\*\*64 - 1\), got "):
+        list(sample_text(tiny_model(), "gorner98", GenerateOptions(length=5, seed=seed)))
+
+
+def test_the_whole_seed_range_samples():
+    for seed in (0, 2 ** 64 - 1):
+        assert len("".join(sample_text(tiny_model(), "gorner98", GenerateOptions(length=5, seed=seed)))) == 5
+
+
+@pytest.mark.parametrize("case", ["nan-weights", "huge-seed"])
+def test_generate_py_on_nan_weights_or_a_huge_seed_exits_2_with_one_line(tmp_path, case):
+    directory = save_checkpoint(tmp_path / "ckpt", nan_model() if case == "nan-weights" else tiny_model())
+    seed = "18446744073709551616" if case == "huge-seed" else "0"
+    proc = generate_py("--checkpoint", str(directory), "--length", "20", "--seed", seed)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert ("not finite" if case == "nan-weights" else "--seed must lie in") in line

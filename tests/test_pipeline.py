@@ -167,3 +167,42 @@ def test_a_binary_file_gets_a_warning_with_its_unknown_share(ray_local, tmp_path
         build_dataset(request(tmp_path, [corpus]))
     (warning,) = [r.getMessage() for r in caplog.records if "binary" in r.getMessage()]
     assert "image.bin" in warning and "% of its characters are outside gorner98" in warning
+
+
+def test_documents_whose_urls_mask_alike_are_each_their_own_rows_when_rebuilt(ray_local, tmp_path, capfd):
+    """N-1 end to end: two files of one size and mtime under auth=public/; the rebuild reuses the
+    cache and its rows are still each document's own text."""
+    import os
+
+    from charnn.storage import url_key
+
+    corpus = tmp_path / "corpus" / "auth=public"
+    corpus.mkdir(parents=True)
+    for name, line in (("a.txt", "ROMEO. But soft, what light through yonder window?\n"),
+                       ("b.txt", "HAMLET. To be, or not to be, that is the question!\n")):
+        (corpus / name).write_text(line * 40)
+        os.utime(corpus / name, ns=(1_700_000_000 * 10**9,) * 2)
+    build = request(tmp_path, [tmp_path / "corpus"], rows=2, workers=1, val_fraction=0.5)
+    build_dataset(build)
+    capfd.readouterr()
+    url = build_dataset(request(tmp_path, [tmp_path / "corpus"], rows=2, workers=1, val_fraction=0.5, seq_len=4))
+    assert "2 documents (2 reused from cache)" in capfd.readouterr().err
+    sources = load_manifest(url).sources().to_pylist()
+    assert [d["url_key"] for d in sources] == [url_key(str(corpus / d["key"].split("/")[-1])) for d in sources]
+    verify_rows(url, read=lambda m, split: np.concatenate([
+        encode((corpus / d["key"].split("/")[-1]).read_bytes()) for d in m.sources().to_pylist() if d["split"] == split]))
+
+
+def test_a_charnn_error_in_a_task_is_its_own_one_line(ray_local, tmp_path):
+    from support.servers import free_port
+
+    from charnn.data.build import run_tasks
+    from charnn.data.cache import encode_group
+    from charnn.data.sources import list_documents
+
+    write_corpus(tmp_path / "c", 1, 5)
+    store = Store(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    call = ((list_documents([str(tmp_path / "c")]),), {"root": "s3://nowhere/ds", "alphabet": "gorner98", "store": store})
+    with pytest.raises(StorageError, match="^data.dataset_root: cannot write the document cache") as info:
+        run_tasks(encode_group, [call], "encoding the documents")
+    assert "\n" not in str(info.value) and "attempts" not in str(info.value)

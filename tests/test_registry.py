@@ -20,7 +20,8 @@ import torch
 from charnn.storage import Store
 from charnn.checkpoint import load_model
 from charnn.model import CharGRU, ModelShape
-from charnn.registry import ModelRegistry, RegistryBusy, RegistryError, _create
+from charnn.registry import ModelRegistry, RegistryBusy, RegistryError
+from charnn.storage import create_exclusive as _create, url_key
 
 
 def test_changed_documents_sees_new_changed_and_removed():
@@ -41,6 +42,24 @@ def test_is_better_applies_min_improvement():
     assert is_better(1.0, None, 5.0)  # nothing published: any candidate
     assert is_better(1.0, 1.2, 0.1) and not is_better(1.15, 1.2, 0.1)
     assert not is_better(1.2, 1.2, 0.0)  # a tie keeps the incumbent
+
+
+def test_a_diverged_or_useless_candidate_is_never_published_and_a_nan_incumbent_never_blocks():
+    """N-3: a candidate whose loss is not finite, or no better than knowing nothing (ln 98 = 4.58),
+    is rejected even with nothing published; an incumbent whose loss is NaN is beaten by any sane one."""
+    import math
+
+    from charnn.cli.retrain import is_better, rejection, worse_than_uniform
+
+    floor = worse_than_uniform("gorner98")
+    assert floor == pytest.approx(math.log(98))
+    for diverged in (math.nan, math.inf, 1.8e6, floor):
+        assert not is_better(diverged, None, 0.0, floor), diverged
+    assert "not finite" in rejection(math.nan, None, 0.0, floor)
+    assert "knows nothing" in rejection(1.8e6, None, 0.0, floor)
+    for candidate in (0.5, 1.0, 3.0):
+        assert is_better(candidate, math.nan, 0.0, floor) and is_better(candidate, math.inf, 0.5, floor)
+    assert not is_better(math.nan, math.nan, 0.0, floor)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -73,12 +92,14 @@ def put(registry: ModelRegistry, relative: str, data: bytes) -> None:
 def test_publish_moves_the_pointer_to_a_complete_version(registry, tmp_path):
     assert registry.published() is None
     with registry.lease(60) as lease:
-        first = registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": [{"url": "u", "identity": "i"}]}}, lease)
-        second = registry.publish(_checkpoint(tmp_path, 2), {"dataset": {"sources": []}}, lease)
+        first = registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": [{"url": "u", "identity": "i"}]}}, lease,
+                                 replaces=None)
+        second = registry.publish(_checkpoint(tmp_path, 2), {"dataset": {"sources": []}}, lease,
+                                  replaces=registry.published())
     assert (first.name, second.name) == ("v0001", "v0002")
     published = registry.published()
     assert published.name == "v0002" and published.info["version"] == "v0002"
-    assert registry.version("v0001").sources() == {"u": "i"}  # a version of before sources.parquet
+    assert registry.version("v0001").sources() == {url_key("u"): "i"}  # a version of before sources.parquet
     model, _ = load_model(published.url, registry.store)
     torch.manual_seed(2)
     assert torch.equal(model.head.weight, CharGRU(ModelShape(98, 8, 1)).head.weight)
@@ -94,20 +115,20 @@ def test_a_version_keeps_its_documents_in_a_table_of_its_own(registry, tmp_path)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     with registry.lease(60) as lease:
-        registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"documents": 5000}}, lease,
+        registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"documents": 5000}}, lease, replaces=None,
                          files={"sources.parquet": buffer.getvalue()})
     version = registry.published()
-    assert len(version.sources()) == 5000 and version.sources()["s3://b/doc-7.txt"] == "sha256:7"
+    assert len(version.sources()) == 5000 and version.sources()[url_key("s3://b/doc-7.txt")] == "sha256:7"
     assert len(registry.fs.cat_file(f"{registry.path}/versions/v0001/version.json")) < 1000
 
 
 def test_versions_are_immutable_and_half_written_ones_are_skipped(registry, tmp_path):
     put(registry, "versions/v0001/model.pt", b"x")  # a writer killed before version.json
     with registry.lease(60) as lease:
-        assert registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": []}}, lease).name == "v0002"
+        assert registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": []}}, lease, replaces=None).name == "v0002"
         registry.versions = lambda: []  # a writer that listed before v0001 and v0002 existed
         with pytest.raises(RegistryBusy, match="versions/v0001 appeared while this job wrote it"):
-            registry.publish(_checkpoint(tmp_path, 2), {"dataset": {"sources": []}}, lease)
+            registry.publish(_checkpoint(tmp_path, 2), {"dataset": {"sources": []}}, lease, replaces=registry.published())
     assert registry.fs.cat_file(f"{registry.path}/versions/v0001/model.pt") == b"x"
     assert registry.published().name == "v0002"
 
@@ -129,7 +150,7 @@ def test_an_expired_lease_is_taken_over_and_its_holder_cannot_publish(registry, 
     time.sleep(0.8)
     with registry.lease(60):
         with pytest.raises(RegistryBusy, match="lost the lease"):
-            registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": []}}, dead)
+            registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": []}}, dead, replaces=None)
     assert registry.published() is None
 
 
@@ -330,18 +351,24 @@ def test_a_holder_whose_lease_records_were_deleted_never_takes_the_new_lease_bac
     assert operator == [[True] * 10] * rounds, f"the new holder failed check(): {operator}"
 
 
-def _stall_after(check, waits: int):
-    """A lease.check() that passes, then stalls the job (a GC pause, SIGSTOP, a partition) for ``waits`` meetings."""
+def _stall_after(check, waits: int, on_call: int = 2):
+    """A lease.check() that passes, then, on its ``on_call``-th call (publish() checks before it picks a
+    version name and again just before the pointer moves), stalls the job (a GC pause, SIGSTOP, a
+    partition) for ``waits`` meetings."""
+    calls = []
+
     def stalled():
         check()
-        for _ in range(waits):
-            _meet()
+        calls.append(1)
+        if len(calls) == on_call:
+            for _ in range(waits):
+                _meet()
     return stalled
 
 
-def _publish_outcome(registry, checkpoint, lease) -> str:
+def _publish_outcome(registry, checkpoint, lease, replaces) -> str:
     try:
-        return registry.publish(checkpoint, INFO, lease).name
+        return registry.publish(checkpoint, INFO, lease, replaces=replaces).name
     except RegistryBusy:
         return "busy"
 
@@ -356,13 +383,13 @@ def _publish_during_a_stall(url: str, endpoint: str | None, checkpoint: str, rou
         racing = r % 2 == 1
         if role == "stalled":
             with registry.lease(60) as lease:
-                registry.publish(checkpoint, INFO, lease)
+                registry.publish(checkpoint, INFO, lease, replaces=None)
             lease = registry.lease(60)
             lease.acquire()
-            lease.check = _stall_after(lease.check, waits=2)  # publish() checks once, just before the pointer moves
+            lease.check = _stall_after(lease.check, waits=2)
         _meet()
         if role == "stalled":
-            outcome = _publish_outcome(registry, checkpoint, lease)
+            outcome = _publish_outcome(registry, checkpoint, lease, registry.published())
         else:
             _meet()  # A passed check() and stalled
             expire(registry, 2)
@@ -370,7 +397,7 @@ def _publish_during_a_stall(url: str, endpoint: str | None, checkpoint: str, rou
             lease.acquire()
             if racing:
                 lease.check = _stall_after(lease.check, waits=1)
-            outcome = _publish_outcome(registry, checkpoint, lease)
+            outcome = _publish_outcome(registry, checkpoint, lease, registry.published())
             if not racing:
                 _meet()  # B has published: A resumes
         _meet()
@@ -398,24 +425,31 @@ def test_a_stalled_writer_never_moves_the_pointer_back_or_over_a_concurrent_one(
 # ---------------------------------------------------------------------------------------------
 # One process.
 
+def _stall_in_move_pointer(check, stalled: threading.Event, resume: threading.Event):
+    """A lease.check() that stalls the job right after the check just before the pointer moves
+    (publish()'s second check; the first comes before it picks a version name)."""
+    calls = []
+
+    def check_then_stall():
+        check()
+        calls.append(1)
+        if len(calls) == 2:
+            stalled.set()
+            resume.wait(60)
+    return check_then_stall
+
+
 def test_a_holder_stalled_after_its_check_cannot_move_the_pointer_back(registry, tmp_path):
     """F-3: A passes check(), stalls; its lease runs out, B takes over and publishes; A resumes."""
     a = registry.lease(60)
     a.acquire()
     stalled, resume = threading.Event(), threading.Event()
-    real_check = a.check
-
-    def check_then_stall():
-        real_check()
-        stalled.set()
-        resume.wait(60)
-
-    a.check = check_then_stall
+    a.check = _stall_in_move_pointer(a.check, stalled, resume)
     result = {}
 
     def publish_a():
         try:
-            result["a"] = registry.publish(_checkpoint(tmp_path, 1), INFO, a).name
+            result["a"] = registry.publish(_checkpoint(tmp_path, 1), INFO, a, replaces=None).name
         except RegistryBusy as exc:
             result["a"] = exc
 
@@ -424,7 +458,7 @@ def test_a_holder_stalled_after_its_check_cannot_move_the_pointer_back(registry,
     assert stalled.wait(60)
     expire(registry, a.number)
     with registry.lease(60) as b:
-        assert registry.publish(_checkpoint(tmp_path, 2), INFO, b).name == "v0002"
+        assert registry.publish(_checkpoint(tmp_path, 2), INFO, b, replaces=registry.published()).name == "v0002"
     resume.set()
     thread.join(60)
     assert isinstance(result["a"], RegistryBusy), result
@@ -436,29 +470,29 @@ def test_a_pointer_published_under_a_newer_lease_is_never_replaced(registry, tmp
     """F-3: the pointer carries its writer's lease number; an older lease never replaces it."""
     with registry.lease(60) as lease:
         assert lease.number == 1
-        registry.publish(_checkpoint(tmp_path, 1), INFO, lease)
+        registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None)
         newer = {"version": "v0001", "fence": 7, "owner": "another-host:1:newer"}
         put(registry, "published.json", json.dumps(newer).encode())  # published under lease 7 meanwhile
         with pytest.raises(RegistryBusy, match="lease 7"):
-            registry.publish(_checkpoint(tmp_path, 2), INFO, lease)
+            registry.publish(_checkpoint(tmp_path, 2), INFO, lease, replaces=registry.published())
     assert pointer(registry) == newer
 
 
 def test_a_pointer_without_a_fence_still_loads_and_is_replaced(registry, tmp_path):
     with registry.lease(60) as lease:
-        registry.publish(_checkpoint(tmp_path, 1), INFO, lease)
+        registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None)
     put(registry, "published.json", json.dumps({"version": "v0001"}).encode())  # written before fences
     assert registry.published().name == "v0001"
     with registry.lease(60) as lease:
         assert lease.number == 2
-        assert registry.publish(_checkpoint(tmp_path, 2), INFO, lease).name == "v0002"
+        assert registry.publish(_checkpoint(tmp_path, 2), INFO, lease, replaces=registry.published()).name == "v0002"
     assert registry.published().name == "v0002" and pointer(registry)["fence"] == 2
 
 
 def test_lease_numbers_never_repeat_after_the_lease_records_are_deleted(registry, tmp_path):
     """F-2: the next number comes after both the newest record and the fence in published.json."""
     with registry.lease(60) as lease:
-        registry.publish(_checkpoint(tmp_path, 1), INFO, lease)
+        registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None)
     wipe(registry, "lease")
     with registry.lease(60) as lease:
         assert lease.number == 2
@@ -555,7 +589,7 @@ def test_version_files_reach_the_disk_before_the_pointer_moves(tmp_path, monkeyp
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     with registry.lease(60) as lease:
-        registry.publish(_checkpoint(tmp_path, 1), INFO, lease)
+        registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None)
     moved = events.index(("replace", f"{registry.path}/published.json"))
     synced = {path for kind, path in events[:moved] if kind == "fsync"}
     version = f"{registry.path}/versions/v0001"
@@ -622,7 +656,7 @@ def test_a_conditional_write_retried_after_its_reply_was_lost_is_recognised_as_o
     """F-21: the PUT lands, its reply is lost, botocore retries, and the retry gets 412 on our own object."""
     lost = lose_first_reply(s3_registry, key)
     with s3_registry.lease(60) as lease:
-        assert s3_registry.publish(_checkpoint(tmp_path, 1), INFO, lease).name == "v0001"
+        assert s3_registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None).name == "v0001"
         lease.check()
     assert lost == [key]
     assert s3_registry.published().name == "v0001"
@@ -671,3 +705,187 @@ def test_a_store_that_ignores_conditional_writes_is_refused_at_start(s3_registry
         s3_registry.lease(60).acquire()
     s3_registry.fs.invalidate_cache()
     assert s3_registry.fs.find(f"{s3_registry.path}/lease") == []  # the probe was cleaned up
+
+
+# ---------------------------------------------------------------------------------------------
+# The second audit (N-4, N-8, N-11, F-20, F-27).
+
+def test_a_candidate_never_replaces_a_model_it_was_not_compared_with(registry, tmp_path):
+    """N-4: X passes its check and freezes past its lease; Y takes the lease and reads the incumbent
+    v0001; X wakes and publishes v0002 (it was compared with v0001: legitimate); Y, compared with
+    v0001 only, must not publish over v0002."""
+    with registry.lease(60) as first:
+        registry.publish(_checkpoint(tmp_path, 1), INFO, first, replaces=None)
+    x = registry.lease(60)
+    x.acquire()
+    x_incumbent = registry.published()
+    stalled, resume = threading.Event(), threading.Event()
+    x.check = _stall_in_move_pointer(x.check, stalled, resume)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(x=registry.publish(_checkpoint(tmp_path, 2), INFO, x,
+                                                                               replaces=x_incumbent).name))
+    thread.start()
+    assert stalled.wait(60)
+    expire(registry, x.number)
+    y = ModelRegistry(registry.url, registry.store).lease(60)
+    y.acquire()
+    y_incumbent = registry.published()
+    assert y_incumbent.name == "v0001"
+    resume.set()
+    thread.join(60)
+    assert result["x"] == "v0002" and registry.published().name == "v0002"
+    with pytest.raises(RegistryBusy, match=r"names v0002 since this job compared its candidate with v0001"):
+        registry.publish(_checkpoint(tmp_path, 3), INFO, y, replaces=y_incumbent)
+    assert registry.published().name == "v0002"
+    y.release()
+    x.release()
+
+
+def test_nothing_published_means_a_candidate_may_not_replace_a_pointer_that_appeared(registry, tmp_path):
+    with registry.lease(60) as lease:
+        registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None)
+        with pytest.raises(RegistryBusy, match="names v0001 since this job compared its candidate with nothing"):
+            registry.publish(_checkpoint(tmp_path, 2), INFO, lease, replaces=None)
+    assert registry.published().name == "v0001"
+
+
+def test_a_writer_that_lost_its_lease_takes_no_version_number(registry, tmp_path):
+    """N-11: the stale writer is refused before it creates any version file, so the holder's version
+    number stays free."""
+    stale = registry.lease(60)
+    stale.acquire()
+    expire(registry, stale.number)
+    with registry.lease(60) as holder:
+        with pytest.raises(RegistryBusy, match="lost the lease"):
+            registry.publish(_checkpoint(tmp_path, 1), INFO, stale, replaces=None)
+        assert registry.versions() == []
+        assert registry.publish(_checkpoint(tmp_path, 2), INFO, holder, replaces=None).name == "v0001"
+    stale.release()
+
+
+def _hold_lock_then_freeze(path: str, ready) -> None:
+    """A process that takes the registry's lock file and never lets go (frozen, as by SIGSTOP)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    ready.set()
+    time.sleep(600)
+
+
+def test_a_frozen_holder_of_the_local_lock_makes_others_busy_not_hung(tmp_path, monkeypatch):
+    """N-8: the local registry's flock is waited for at most LOCK_WAIT_S, then the job is busy (75)."""
+    import charnn.storage
+    from charnn.errors import Busy
+
+    registry = ModelRegistry(str(tmp_path / "models" / "m"))
+    registry.fs.makedirs(registry.path, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    holder = context.Process(target=_hold_lock_then_freeze, args=(f"{registry.path}/.lock", ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(60)
+        monkeypatch.setattr(charnn.storage, "LOCK_WAIT_S", 0.5)
+        started = time.monotonic()
+        with pytest.raises(Busy, match=r"the lock file .*/\.lock is held by another job") as info:
+            registry.lease(60).acquire()
+        assert time.monotonic() - started < 10 and info.value.exit_status == 75
+    finally:
+        holder.kill()
+        holder.join(10)
+    with registry.lease(60):  # the holder is gone: the lock is free again
+        pass
+
+
+@pytest.mark.parametrize("name", ["../../../../elsewhere", "v0001/../../x", "", 7, None, ["v0001"]])
+def test_a_pointer_naming_anything_but_a_version_is_refused(registry, name):
+    """F-20: the pointer's version is a path segment; nothing outside versions/ is ever loaded."""
+    put(registry, "published.json", json.dumps({"version": name, "fence": 1}).encode())
+    with pytest.raises(RegistryError, match="which is not a version name"):
+        registry.published()
+
+
+def test_a_damaged_sources_table_is_one_line(registry, tmp_path):
+    """F-27(c): a published version whose sources.parquet is damaged."""
+    with registry.lease(60) as lease:
+        registry.publish(_checkpoint(tmp_path, 1), {}, lease, replaces=None, files={"sources.parquet": b"PAR1 not parquet"})
+    with pytest.raises(RegistryError, match=r"cannot read the documents of version v0001: .*restore that file") as info:
+        registry.published().sources()
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_that_vanished_before_publication_is_one_line(registry, tmp_path):
+    """F-27(b): a missing object is a one-line StorageError, not a FileNotFoundError traceback."""
+    from charnn.storage import StorageError
+
+    with registry.lease(60) as lease:
+        with pytest.raises(StorageError, match="cannot publish a model version"):
+            registry.publish(str(tmp_path / "gone"), INFO, lease, replaces=None)
+    assert registry.published() is None
+
+
+def _take_lease_and_die(url: str, endpoint: str | None) -> None:
+    """A writer killed outright (SIGKILL: no release) while it holds a long lease."""
+    import signal
+
+    open_registry(url, endpoint).lease(600).acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_holder_killed_on_this_machine_does_not_keep_its_lease_until_expiry(registry):
+    """A job killed outright (SIGKILL, OOM) on this machine: the next job need not wait out the lease
+    (600 s here), since the record says which process held it and that process is gone."""
+    context = multiprocessing.get_context("spawn")
+    killed = context.Process(target=_take_lease_and_die, args=(registry.url, endpoint_of(registry)))
+    killed.start()
+    killed.join(120)
+    assert killed.exitcode == -9 and not record(registry, 1)["released"]
+    with registry.lease(60) as lease:
+        assert lease.number == 2
+
+
+def test_a_holder_on_another_machine_keeps_its_lease(registry):
+    other_machine = {"boot": "another-boot-id", "pidns": "pid:[1]", "pid": 2**22 + 1}  # a pid that is not running here
+    put(registry, "lease/000001.json", json.dumps({"owner": "elsewhere:1:x", "expires": time.time() + 600,
+                                                   "released": False, "process": other_machine}).encode())
+    with pytest.raises(RegistryBusy, match="another retrain holds the lease"):
+        registry.lease(60).acquire()
+
+
+@pytest.mark.parametrize("first, second", [
+    ("/corpus/auth=public/a.txt", "/corpus/auth=public/b.txt"),
+    ("s3://b/lang=en/sig=x/doc.txt", "s3://b/lang=en/sig=y/doc.txt"),
+    ("https://host/view.php?key=1", "https://host/view.php?key=2"),
+    ("https://me:one@host/a.txt", "https://me:two@host/a.txt")])
+def test_retrain_change_detection_keeps_documents_whose_urls_mask_alike_apart(registry, tmp_path, first, second):
+    """N-1: the published version's documents and the listed ones are compared by url_key, never by the
+    masked URL; an older table (masked URLs, no url_key) makes such documents count as changed."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from charnn.cli.retrain import changed_documents
+    from charnn.storage import redact
+
+    checkpoint = _checkpoint(tmp_path, 1)
+
+    def version_with(table):
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        with registry.lease(60) as lease:
+            registry.publish(checkpoint, {}, lease, replaces=registry.published(),
+                             files={"sources.parquet": buffer.getvalue()})
+        return registry.published()
+
+    assert redact(first) == redact(second)
+    current = {url_key(first): "sha256:a", url_key(second): "sha256:b"}
+    published = version_with(pa.table({"url": [redact(first), redact(second)], "url_key": list(current),
+                                       "identity": ["sha256:a", "sha256:b"]}))
+    assert changed_documents(current, published.sources()) == ([], [])
+    edited = {**current, url_key(first): "sha256:a2"}
+    assert changed_documents(edited, published.sources()) == ([url_key(first)], [])
+    older = version_with(pa.table({"url": [redact(first)], "identity": ["sha256:a"]}))  # before url_key
+    new, _ = changed_documents(current, older.sources())
+    assert sorted(new) == sorted(current)

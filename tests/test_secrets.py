@@ -62,6 +62,14 @@ MASKED = [
     ("Authorization: tok123", "Authorization: ***"),
     ("key id AKIAIOSFODNN7EXAMPLE", "key id AKIA***"),
     ("api key AIzaSyA1234567890abcdefghijklmnopqrstuv in a message", "api key AIza*** in a message"),
+    # the second audit's residue (F-18)
+    ("https://h/x?jwt=eyJhbGciOi.J9eyJzdWIi", "https://h/x?jwt=***"),
+    ("https://h/x?passphrase=open-sesame&y=1", "https://h/x?passphrase=***&y=1"),
+    ("Cookie: session=abc123; csrftoken=def", "Cookie: ***"),
+    ("set-cookie: id=a3fWa; Max-Age=2592000", "set-cookie: ***"),
+    ("cloning with ghp_16C7e42F292c6912E7710c838347Ae178B4a", "cloning with ghp_***"),
+    ("token github_pat_11ABCDEFG0123456789_abcdefghijklmnop", "token github_pat_***"),
+    ("HF hub says hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345 is invalid", "HF hub says hf_*** is invalid"),
 ]
 
 UNCHANGED = [

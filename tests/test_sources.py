@@ -201,3 +201,283 @@ def test_a_charnn_rows_1_manifest_is_still_read():
         Manifest.from_json("/d", json.dumps(old).encode())
     with pytest.raises(DatasetError, match="unknown dataset format 'charnn.rows/9'"):
         Manifest.from_json("/d", json.dumps({**old, "format": "charnn.rows/9"}).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# N-1: the cache and every comparison key a document by its raw URL; masking is for display only.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+MASKED_NAMES = ["auth=", "token=", "sig=", "?key=", "&key=", "password=", "X-Amz-Signature=", "access_token: "]
+_TAIL = st.text(alphabet="abcAB01/=.-_", min_size=0, max_size=10)
+
+
+@st.composite
+def urls_that_may_mask_alike(draw) -> tuple[str, str]:
+    """Two distinct raw URLs that ``redact`` often turns into one string."""
+    tail_a = draw(_TAIL)
+    tail_b = draw(_TAIL.filter(lambda t: t != tail_a))
+    if draw(st.booleans()):  # a secret named in the path or the query
+        head = draw(st.sampled_from(["/corpus/", "s3://bucket/lang=en/", "https://host/view.php", "gs://b/"]))
+        name = draw(st.sampled_from(MASKED_NAMES))
+        return f"{head}{name}{tail_a}", f"{head}{name}{tail_b}"
+    host = draw(st.sampled_from(["example.com", "127.0.0.1:8000"]))  # a URL's user:password
+    return f"https://user:p{tail_a}@{host}/plays/a.txt", f"https://user:p{tail_b}@{host}/plays/a.txt"
+
+
+def listing_of(urls: list[str], size: int = 58, version: str = "mtime_ns:1700000000000000000") -> pa.Table:
+    from charnn.data.sources import LISTING
+    from charnn.storage import url_key
+
+    return pa.Table.from_pylist([{"url": u, "key": u.rsplit("/", 1)[-1], "size": size, "version": version,
+                                  "url_key": url_key(u)} for u in urls], LISTING)
+
+
+@settings(max_examples=200, deadline=None)
+@given(urls_that_may_mask_alike())
+def test_two_distinct_urls_never_share_a_cache_key(pair):
+    from charnn.data.cache import index_rows
+    from charnn.storage import redact, url_key
+
+    first, second = pair
+    assert url_key(first) != url_key(second)
+    assert url_key(first) == url_key(first) and len(url_key(first)) == 64
+    encoded = listing_of([first]).append_column("identity", pa.array(["sha256:first"]))
+    index = index_rows(encoded.append_column("blob", pa.array(["b"])).append_column("offset", pa.array([0]))
+                       .append_column("tokens", pa.array([58])).append_column("unknown", pa.array([0.0])))
+    assert index.column("url").to_pylist() == [redact(first)]  # the index holds no credentials
+    found = {d["url"]: d["identity"] for d in lookup(listing_of([first, second]), index).to_pylist()}
+    assert found == {first: "sha256:first", second: None}
+
+
+def test_an_index_written_before_url_keys_finds_only_urls_that_were_not_masked(tmp_path):
+    import pyarrow.parquet as pq
+
+    from charnn.data.cache import cache_url
+
+    index = tmp_path / "ds" / cache_url("", "gorner98").lstrip("/") / "index"
+    index.mkdir(parents=True)
+    old = [{"url": url, "size": 58, "version": "mtime_ns:1700000000000000000", "identity": f"sha256:{n}",
+            "blob": "b", "offset": 0, "tokens": 58, "unknown": 0.0}
+           for n, url in enumerate(["/c/plain.txt", "/c/auth=***"])]
+    pq.write_table(pa.Table.from_pylist(old), index / "old.parquet")
+    listing = listing_of(["/c/plain.txt", "/c/auth=public/a.txt", "/c/auth=public/b.txt"])
+    found = lookup(listing, load_index(str(tmp_path / "ds"), "gorner98"))
+    assert dict(zip(found.column("url").to_pylist(), found.column("identity").to_pylist())) == {
+        "/c/plain.txt": "sha256:0", "/c/auth=public/a.txt": None, "/c/auth=public/b.txt": None}
+
+
+def test_documents_whose_urls_mask_alike_keep_their_own_codes(tmp_path):
+    """collide.py: two files of one size and mtime under auth=public/ (as tar, rsync -t or cp -p
+    leave them); the second build must find each one's own codes."""
+    import numpy as np
+
+    from charnn.data.alphabet import encode
+    from charnn.data.build import DatasetRequest, listed_documents
+    from charnn.data.cache import cache_url
+    from charnn.storage import url_key
+
+    corpus = tmp_path / "corpus" / "auth=public"
+    corpus.mkdir(parents=True)
+    texts = {"a.txt": b"ROMEO. But soft, what light through yonder window breaks?\n",
+             "b.txt": b"HAMLET. To be, or not to be, that is the question, sire!!\n"}
+    for name, text in texts.items():
+        (corpus / name).write_bytes(text)
+        os.utime(corpus / name, ns=(1_700_000_000 * 10**9,) * 2)
+    request = DatasetRequest([str(tmp_path / "corpus")], "gorner98", 4, 2, 1, 0.5, 64, str(tmp_path / "ds"))
+    first = listed_documents(request)
+    assert first.column("url_key").to_pylist() == [url_key(str(corpus / n)) for n in texts]
+    encode_group(first.select(["url", "size", "version"]), str(tmp_path / "ds"), "gorner98")
+    second = listed_documents(request).to_pylist()
+    blobs = tmp_path / "ds" / cache_url("", "gorner98").lstrip("/") / "blobs"
+    codes = [np.fromfile(blobs / f"{d['blob']}.u8", np.uint8)[d["offset"]:d["offset"] + d["tokens"]] for d in second]
+    assert [c.tobytes() for c in codes] == [encode(t).tobytes() for t in texts.values()]
+    assert len({d["identity"] for d in second}) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# N-9: documents of the published version keep their split; new ones follow the rule.
+
+def keys_by_hash(count: int, above: float, below: float = 1.0, prefix: str = "doc") -> list[str]:
+    """``count`` keys whose split hash lies in [above, below)."""
+    from charnn.data.sources import split_hash
+
+    found, i = [], 0
+    while len(found) < count:
+        key, i = f"{prefix}-{i}.txt", i + 1
+        if above <= split_hash(key) < below:
+            found.append(key)
+    return found
+
+
+def test_kept_splits_stay_and_only_new_documents_take_the_fallbacks():
+    import numpy as np
+
+    from charnn.data.sources import split_array, split_hash
+
+    (only,) = keys_by_hash(1, 0.5)
+    (added,) = keys_by_hash(1, 0.5, prefix="added")
+    assert split_array([only], 0.1).tolist() == ["both"]
+    assert split_array([only, added], 0.1).tolist() != ["both", "train"]  # today's rule moves it (N-9)
+    assert split_array([only, added], 0.1, np.array(["both", ""])).tolist() == ["both", "train"]
+    # no document under val_fraction: the smallest hash was validation; a smaller newcomer moves it today
+    old = keys_by_hash(3, 0.3)
+    (smaller,) = keys_by_hash(1, 0.01, min(split_hash(k) for k in old), prefix="new")
+    before = split_array(old, 0.01)
+    assert sorted(before.tolist()) == ["train", "train", "val"]
+    assert split_array(old + [smaller], 0.01).tolist()[:3] != before.tolist()
+    kept = split_array(old + [smaller], 0.01, np.array([*before.tolist(), ""]))
+    assert kept.tolist() == [*before.tolist(), "train"]
+    # the fallbacks still give a split that nothing kept covers, from the new documents only
+    news = keys_by_hash(2, 0.5, prefix="n")
+    assert split_array(old + news, 0.01, np.array(["train"] * 3 + [""] * 2)).tolist()[:3] == ["train"] * 3
+    assert "val" in split_array(old + news, 0.01, np.array(["train"] * 3 + [""] * 2)).tolist()[3:]
+    assert split_array(old + news, 0.99, np.array(["val"] * 3 + [""] * 2)).tolist().count("train") == 1
+    # nothing kept is listed any more: today's rule, the single-document case included
+    assert split_array([added], 0.1, np.array([""])).tolist() == ["both"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=12, unique=True),
+       st.lists(st.sampled_from(["", "", "train", "val", "both"]), min_size=12, max_size=12),
+       st.floats(0.0, 1.0))
+def test_kept_documents_never_move(keys, kept, val_fraction):
+    import numpy as np
+
+    from charnn.data.sources import split_array
+
+    kept = np.array(kept[:len(keys)])
+    splits = split_array(keys, val_fraction, kept)
+    assert all(s == k for s, k in zip(splits, kept) if k)
+    if (kept == "").all():
+        assert splits.tolist() == split_array(keys, val_fraction).tolist()
+    elif (kept == "").any():
+        assert {"train", "both"} & set(splits) and {"val", "both"} & set(splits)
+
+
+def test_a_keep_splits_table_keeps_the_published_splits_through_listed_documents(tmp_path):
+    import pyarrow.parquet as pq
+
+    from charnn.data.build import DatasetRequest, listed_documents
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (only,) = keys_by_hash(1, 0.5, prefix="plays")
+    (corpus / only).write_text("the first play\n" * 20)
+
+    def listed(keep: str | None = None) -> dict[str, str]:
+        request = DatasetRequest([str(corpus)], "gorner98", 4, 2, 1, 0.1, 64, str(tmp_path / "ds"), keep_splits=keep)
+        table = listed_documents(request)
+        return dict(zip(table.column("key").to_pylist(), table.column("split").to_pylist()))
+
+    published = listed_documents(DatasetRequest([str(corpus)], "gorner98", 4, 2, 1, 0.1, 64, str(tmp_path / "ds")))
+    pq.write_table(published.select(["url_key", "split"]), tmp_path / "published.parquet")
+    assert listed() == {only: "both"}
+    (added,) = keys_by_hash(1, 0.5, prefix="added")
+    (corpus / added).write_text("a second play\n" * 20)
+    assert listed()[only] != "both"  # what moved the trained-on document into validation
+    assert listed(str(tmp_path / "published.parquet")) == {only: "both", added: "train"}
+
+
+def test_the_dataset_key_changes_with_a_documents_split():
+    from charnn.data.build import DatasetRequest, dataset_key
+
+    request = DatasetRequest(["/c"], "gorner98", 4, 2, 1, 0.5, 64, "/ds")
+    documents = pa.table({"url": ["/c/a.txt", "/c/b.txt"], "identity": ["sha256:a", "sha256:b"],
+                          "split": ["train", "val"]})
+    swapped = documents.set_column(2, "split", pa.array(["val", "train"]))
+    assert dataset_key(request, documents) != dataset_key(request, swapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# N-5 / F-10: a glob walks from its literal root by the directory walk's rules.
+
+class _Deadline(Exception):
+    pass
+
+
+def within(seconds: float):
+    """Fail a listing that would run for ever (a symlink cycle) instead of hanging the suite."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def expire(*_):
+            raise _Deadline(f"still listing after {seconds} s")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return guard()
+
+
+def test_a_glob_over_a_symlink_cycle_finishes_and_lists_the_file_once(tmp_path, caplog):
+    corpus = tmp_path / "c"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "sub" / "x.txt").write_text("x\n")
+    (corpus / "link").symlink_to(corpus / "sub")
+    (corpus / "sub" / "up").symlink_to(corpus)
+    with within(20), caplog.at_level(logging.WARNING, logger="charnn.pipeline"):
+        listing = list_documents([str(corpus / "**" / "*.txt")])
+    assert keys(listing) == ["sub/x.txt"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "skipped 2 symlinked directories" in line and "\n" not in line
+
+
+def test_a_glob_reads_symlinked_files_and_skips_symlinked_directories_with_one_line(tmp_path, caplog):
+    corpus = tmp_path / "c"
+    write_corpus(corpus / "sub", 1, 3)
+    (tmp_path / "outside.txt").write_text("linked text\n")
+    (corpus / "sub" / "linked.txt").symlink_to(tmp_path / "outside.txt")
+    (corpus / "dirlink").symlink_to(corpus / "sub")
+    (corpus / "elsewhere").symlink_to(corpus / "sub")
+    with within(20), caplog.at_level(logging.WARNING, logger="charnn.pipeline"):
+        listing = list_documents([str(corpus / "*" / "*.txt")])
+        assert keys(list_documents([str(corpus / "s*" / "*.txt")])) == ["sub/doc-000.txt", "sub/linked.txt"]
+    assert keys(listing) == ["sub/doc-000.txt", "sub/linked.txt"]
+    (line,) = [r.getMessage() for r in caplog.records]  # the second glob never enters either link
+    assert "skipped 2 symlinked directories" in line and "dirlink" in line and "\n" not in line
+
+
+def test_an_unreadable_directory_under_a_glob_is_one_line(tmp_path):
+    corpus = tmp_path / "c"
+    write_corpus(corpus / "locked", 1, 3)
+    write_corpus(corpus / "open", 2, 3)
+    os.chmod(corpus / "locked", 0)
+    try:
+        out = run_without_root_powers(
+            "from charnn.data.sources import list_documents\n"
+            f"try:\n    list_documents([{str(corpus / '**' / '*.txt')!r}])\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n"
+            f"print([k for k in list_documents([{str(corpus / 'o*' / '*.txt')!r}]).column('key').to_pylist()])\n")
+    finally:
+        os.chmod(corpus / "locked", 0o755)
+    assert out.returncode == 0, out.stderr
+    listed, pruned = out.stdout.splitlines()
+    assert listed == f"StorageError cannot read directory {corpus / 'locked'} (Permission denied); " \
+                     f"make it readable or leave it out of data.sources"
+    assert pruned == str(["open/doc-000.txt", "open/doc-001.txt"])  # a directory the glob cannot match is not read
+
+
+@pytest.mark.parametrize("pattern", ["c/*/x.txt", "c/**/*.txt", "c/**", "c/a/**/x.txt", "c/*b*/**/*.txt",
+                                     "c/[ab]*/x.txt", "c/?/x.txt", "c/**/b/**/*.txt", "c/**/x.txt", "c/a*",
+                                     "c/**/**/*.md", "c/a/b/**", "c/*/*/*", "c/*/.hid/*.txt"])
+def test_a_glob_matches_what_glob_glob_matches_on_an_ordinary_tree(tmp_path, pattern):
+    import glob
+
+    for name in ["x.txt", "a/x.txt", "a/y.md", "a/b/x.txt", "a/b/c/z.txt", "a/b/c/d/x.txt", "bb/x.txt",
+                 "bb/.h.txt", ".hid/x.txt", "a/.hid/x.txt", "ab/cd/x.txt", "b/x.txt", "abc", "a/b/b/q.txt"]:
+        (tmp_path / "c" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / name).write_text(name + "\n")
+    full = str(tmp_path / pattern)
+    root = full[: min(full.find(c) for c in "*?[" if c in full)].rsplit("/", 1)[0]
+    expected = sorted({os.path.relpath(m, root) for m in glob.glob(full, recursive=True)
+                       if os.path.isfile(m) and not os.path.basename(m).startswith(".")})
+    assert expected, "every pattern here matches some file"
+    assert keys(list_documents([full])) == expected

@@ -76,3 +76,44 @@ def test_a_time_budget_ends_the_run_and_paces_the_schedule(dataset):
     assert state.train_seconds >= 1.2 and state.step % 5 == 0
     last = read_points(Store(), str(root / "runs" / "timed"))["train"][-1]
     assert last["lr"] == pytest.approx(0.01 * 0.1, rel=0.05)  # the cosine has reached its floor with the time
+
+
+def test_workers_of_a_job_whose_run_was_taken_over_never_save_into_it(dataset):
+    """F-5: the driver's run lease reaches the workers; once another job holds a newer lease of the
+    run (this job's driver froze past its lease), they stop at their next checkpoint without saving."""
+    from charnn.train.checkpointer import RunBusy, RunDirectory
+
+    root, _ = dataset
+    run = root / "runs" / "taken-over"
+    ours = RunDirectory(str(run)).lease(60)
+    ours.acquire()
+    spec = smoke(root, "taken-over", "train.steps=20", "train.checkpoint_every=10")
+    trainer = Trainer(spec, dataset_url(root), LocalContext(str(run), Store()), run_lease=ours.number)
+    ours._stop.set()  # frozen: no more renewals
+    (run / "lease" / f"{ours.number:06d}.json").write_text(json.dumps({"owner": "x", "expires": 0}))  # expired
+    with RunDirectory(str(run)).lease(60):  # another job took the run over
+        with pytest.raises(RunBusy, match=r"another job took run .* over \(lease 2; this job holds 1\)"):
+            trainer.train()
+    assert not list(run.glob("checkpoint_*"))
+
+
+def test_a_resume_between_progress_lines_reports_the_figures_of_the_run_that_never_stopped(dataset, tmp_path,
+                                                                                        monkeypatch):
+    """A resumed run's progress figures (and so its result's train_loss) are means over the steps since
+    the last progress line: the checkpoint carries that open interval, so a run that stopped in the
+    middle of one reports what the uninterrupted run reports (a resume before this differed there)."""
+    from charnn.train.faults import InjectedFault
+
+    root, _ = dataset
+    settings = ("train.steps=16", "train.checkpoint_every=8", "train.log_every=6")
+    state, _ = train(root, "whole-6", *settings)
+    monkeypatch.setenv("CHARNN_FAULTS", "raise@10")
+    monkeypatch.setenv("CHARNN_FAULT_DIR", str(tmp_path))
+    with pytest.raises(InjectedFault):  # stopped after step 10: its newest checkpoint is step 8's
+        train(root, "halves-6", *settings)
+    resumed, _ = train(root, "halves-6", *settings)
+    whole, halves = (read_points(Store(), str(root / "runs" / n))["train"] for n in ("whole-6", "halves-6"))
+    assert [p["step"] for p in halves] == [p["step"] for p in whole] == [6, 12, 16]
+    for ours, theirs in zip(halves, whole):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5) and ours["accuracy"] == theirs["accuracy"]
+    assert resumed.metrics["train_loss"] == pytest.approx(state.metrics["train_loss"], rel=1e-5)

@@ -1,32 +1,37 @@
 """Retrain when the corpus grows; publish only a better model: python -m charnn.cli.retrain --spec PATH [--set k=v ...]
 
 Meant to run on a schedule (a RayCronJob, a CronJob running ``ray job submit``, or cron with
-infra/local-schedule.sh).  In order, holding the registry's lease throughout:
+infra/local-schedule.sh).  It connects to Ray first, then, holding the registry's lease:
   1. detect: list data.sources and compare (URL, content identity) with the dataset of the
      published model in <run.storage>/models/<retrain.model>/; nothing new or changed: "skipped";
   2. rebuild the dataset: only new or changed documents are tokenised, the rest come from the
-     document cache, and every document keeps its validation split;
+     document cache, and every document the published model knows keeps its split;
   3. fine-tune from the published weights for retrain.steps with a fresh optimiser (nothing
      published yet: the spec's full schedule from scratch);
   4. evaluate candidate and incumbent on the same, new validation split;
-  5. publish the candidate only if its validation loss beats the incumbent's by
-     retrain.min_improvement, else record it as rejected.
+  5. publish the candidate only if its validation loss is finite, below ln |alphabet| (what a
+     model that knows nothing scores) and beats the incumbent's by retrain.min_improvement (an
+     incumbent whose loss is not finite is beaten by any such candidate), and only in place of
+     the incumbent it was compared with; else record it as rejected.
 The last stdout line is JSON with "action": skipped | promoted | rejected.  A second job started
 while one runs exits with status 75 and writes nothing.
 """
 
 import dataclasses
+import math
 import time
 import uuid
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
 from charnn.config import Spec, dump_spec
+from charnn.data.alphabet import alphabet_size
 from charnn.data.build import DatasetRequest, build_dataset, listed_documents
 from charnn.data.dataset import load_manifest
-from charnn.storage import Store, join, redact
+from charnn.storage import Store, join
 from charnn.checkpoint import check_compatible, load_payload
 from charnn.train.metrics import say
 from charnn.train.trainer import model_shape
@@ -36,14 +41,46 @@ from charnn.train.launch import fit
 
 
 def changed_documents(current: dict[str, str | None], published: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(new or changed, removed) document URLs, given {URL: content identity} now and at publication;
+    """(new or changed, removed) documents, given {url_key: content identity} now and at publication;
     a document whose identity is not known yet (None: not in the document cache) counts as changed."""
-    new = sorted(url for url, identity in current.items() if identity is None or published.get(url) != identity)
+    new = sorted(key for key, identity in current.items() if identity is None or published.get(key) != identity)
     return new, sorted(set(published) - set(current))
 
 
-def is_better(candidate_loss: float, incumbent_loss: float | None, min_improvement: float) -> bool:
-    return incumbent_loss is None or candidate_loss < incumbent_loss - min_improvement
+def worse_than_uniform(alphabet: str) -> float:
+    """The validation loss of a model that knows nothing (ln |alphabet|, 4.58 nats for gorner98): a
+    candidate no better than that has diverged or learnt nothing."""
+    return math.log(alphabet_size(alphabet))
+
+
+def rejection(candidate_loss: float, incumbent_loss: float | None, min_improvement: float,
+              floor: float = math.inf) -> str | None:
+    """Why a candidate with ``candidate_loss`` must not replace the incumbent, or None if it should:
+    it must be finite, below ``floor`` and better than the incumbent by ``min_improvement``; an
+    incumbent whose loss is not finite (published before these checks) is beaten by any such one."""
+    if not math.isfinite(candidate_loss):
+        return "its validation loss is not finite: it diverged"
+    if candidate_loss >= floor:
+        return f"it is no better than a model that knows nothing ({floor:.2f} nats)"
+    if incumbent_loss is None or not math.isfinite(incumbent_loss) or candidate_loss < incumbent_loss - min_improvement:
+        return None
+    return f"it must gain {min_improvement} on the incumbent"
+
+
+def is_better(candidate_loss: float, incumbent_loss: float | None, min_improvement: float,
+              floor: float = math.inf) -> bool:
+    return rejection(candidate_loss, incumbent_loss, min_improvement, floor) is None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained candidate: its run's spec, its final checkpoint, the dataset it was evaluated on,
+    and what its version.json (or rejected record) says about it."""
+
+    spec: Spec
+    url: str
+    dataset: str
+    info: dict
 
 
 def candidate_spec(spec: Spec, registry: ModelRegistry, warm: bool) -> Spec:
@@ -56,8 +93,10 @@ def candidate_spec(spec: Spec, registry: ModelRegistry, warm: bool) -> Spec:
 
 def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     incumbent: Version | None = registry.published()
-    listed = listed_documents(DatasetRequest.from_spec(spec))  # identities from the cache: nothing is read
-    current = dict(zip(map(redact, listed.column("url").to_pylist()), listed.column("identity").to_pylist()))
+    # a document the incumbent trained on keeps its split: the comparison is never on text it has seen
+    request = dataclasses.replace(DatasetRequest.from_spec(spec), keep_splits=incumbent and incumbent.sources_url)
+    listed = listed_documents(request)  # identities from the cache: nothing is read
+    current = dict(zip(listed.column("url_key").to_pylist(), listed.column("identity").to_pylist()))
     new, removed = changed_documents(current, incumbent.sources() if incumbent else {})
     result = {"model": spec.retrain.model, "registry": registry.url, "model_version": incumbent and incumbent.name,
               "new_documents": len(new), "reused_documents": len(current) - len(new),
@@ -70,39 +109,54 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     if incumbent:  # fail before any work if the spec no longer fits the published model
         check_compatible(load_payload(incumbent.url, Store.of(spec.storage)), model_shape(spec, spec.data.alphabet),
                          spec.data.alphabet)
+    dataset = build_dataset(request)
+    candidate_run = candidate_spec(spec, registry, warm=incumbent is not None)
+    candidate_url = fit(candidate_run, dataset, init_from=incumbent.url if incumbent else None)
+    ours, theirs = _evaluate(spec, candidate_url, incumbent, dataset)
+    result.update(candidate_val_loss=ours["val_loss"], incumbent_val_loss=theirs and theirs["val_loss"],
+                  candidate=candidate_url, dataset=dataset)
+    candidate = Candidate(candidate_run, candidate_url, dataset, {
+        "metrics": ours, "incumbent": incumbent and {"version": incumbent.name, **theirs},
+        "candidate": candidate_url, "spec": dump_spec(candidate_run), "dataset": {"url": dataset, "documents": len(current)}})
+    versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
+    why = rejection(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement,
+                    worse_than_uniform(spec.data.alphabet))
+    if why is None:
+        version = _promote(registry, lease, incumbent, candidate)
+        say(f"charnn.retrain: promoted {version}: val_loss {ours['val_loss']:.4f} against {versus}")
+        return {**result, "action": "promoted", "model_version": version}
+    record = registry.reject(candidate_run.run.name, {**candidate.info, "reason": why})
+    say(f"charnn.retrain: rejected the candidate: val_loss {ours['val_loss']:.4f} against {versus}: {why}; "
+        f"recorded in {record}")
+    return {**result, "action": "rejected", "rejected": record}
 
-    require_workers(spec.cluster, init_ray())
+
+def _evaluate(spec: Spec, candidate_url: str, incumbent: Version | None, dataset: str) -> tuple[dict, dict | None]:
+    """Validation figures of the candidate and the incumbent on the new dataset, in one Ray task."""
     import ray
-
-    dataset = build_dataset(DatasetRequest.from_spec(spec))
-    candidate = candidate_spec(spec, registry, warm=incumbent is not None)
-    candidate_url = fit(candidate, dataset, init_from=incumbent.url if incumbent else None)
 
     evaluate = ray.remote(num_cpus=spec.cluster.cpus_per_worker)(evaluate_checkpoints)
     urls = [candidate_url] + ([incumbent.url] if incumbent else [])
     figures = ray.get(evaluate.remote(urls, dataset, Store.of(spec.storage)))
-    ours, theirs = figures[0], (figures[1] if incumbent else None)
-    result.update(candidate_val_loss=ours["val_loss"], incumbent_val_loss=theirs and theirs["val_loss"],
-                  candidate=candidate_url, dataset=dataset)
-    info = {"metrics": ours, "incumbent": incumbent and {"version": incumbent.name, **theirs},
-            "candidate": candidate_url, "spec": dump_spec(candidate),
-            "dataset": {"url": dataset, "documents": len(current)}}
-    versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
-    if is_better(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement):
-        sources = pa.BufferOutputStream()
-        pq.write_table(load_manifest(dataset, Store.of(spec.storage)).sources(Store.of(spec.storage)).select(["url", "identity"]), sources)
-        version = registry.publish(candidate_url, info, lease, files={SOURCES_FILE: sources.getvalue().to_pybytes()})
-        say(f"charnn.retrain: promoted {version.name}: val_loss {ours['val_loss']:.4f} against {versus}")
-        return {**result, "action": "promoted", "model_version": version.name}
-    record = registry.reject(candidate.run.name, info)
-    say(f"charnn.retrain: rejected the candidate: val_loss {ours['val_loss']:.4f} against {versus} "
-        f"(must gain {spec.retrain.min_improvement}); recorded in {record}")
-    return {**result, "action": "rejected", "rejected": record}
+    return figures[0], (figures[1] if incumbent else None)
+
+
+def _promote(registry: ModelRegistry, lease: Lease, incumbent: Version | None, candidate: Candidate) -> str:
+    """Publish the candidate in place of the incumbent it was compared with (and only that one), with
+    the documents it was trained on and their splits; the new version's name."""
+    store = Store.of(candidate.spec.storage)
+    sources = pa.BufferOutputStream()
+    documents = load_manifest(candidate.dataset, store).sources(store)
+    pq.write_table(documents.select(["url", "url_key", "identity", "split"]), sources)
+    return registry.publish(candidate.url, candidate.info, lease, replaces=incumbent,
+                            files={SOURCES_FILE: sources.getvalue().to_pybytes()}).name
 
 
 def run() -> dict:
     spec = job_spec(__doc__)
     registry = ModelRegistry(join(spec.run.storage, "models", spec.retrain.model), Store.of(spec.storage))
+    # Ray first: a cluster that is slow to answer or short of workers keeps no other retrain out
+    require_workers(spec.cluster, init_ray(spec.cluster.connect_timeout_s))
     with registry.lease(spec.retrain.lease_minutes * 60) as lease:
         return retrain(spec, registry, lease)
 

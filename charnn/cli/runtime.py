@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Callable
 
 from charnn.config import Spec, add_spec_arguments, expand_path, spec_from_args
-from charnn.errors import Busy, CharnnError, UserError
+from charnn.errors import Busy, CharnnError, Unavailable, UserError, as_charnn_error, last_line
 from charnn.storage import redact
 
 
@@ -31,21 +33,111 @@ def job_spec(description: str) -> Spec:
     return spec
 
 
-def init_ray() -> bool:
-    """Join the cluster in RAY_ADDRESS (or the job's own), else start an embedded local Ray;
-    returns whether Ray is embedded (no other nodes will ever join)."""
+CONNECT_TIMEOUT_S = 120.0  # cluster.connect_timeout_s when a caller has no spec
+
+
+def init_ray(timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    """Join the cluster in RAY_ADDRESS (or the job's own), else start an embedded local Ray, within
+    ``timeout_s`` or one line and exit 75 (a scheduler tries again later); returns whether Ray is
+    embedded (no other nodes will ever join).
+
+    Ray's own waits are long (a GCS that does not answer is retried for about 14 minutes) and run in
+    C++, where neither an exception nor SIGTERM reaches them: a watchdog ends the process instead.
+    Nothing has been written yet at this point (jobs take leases and write only after it)."""
     import ray
 
-    embedded = not os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
-        return embedded
-    if embedded:
-        ray.init(address="local", log_to_driver=True)  # dashboard on 127.0.0.1: Ray Train needs its state API
-    else:
-        ray.init(log_to_driver=True)
+        return not address
+    where = f"the Ray cluster at {address}" if address else "an embedded local Ray"
+    deadline = time.monotonic() + timeout_s
+    watchdog = None
+    try:
+        if address:
+            _wait_for_gcs(address, deadline)
+        # ray.init itself gets what is left, and at least the seconds a healthy cluster takes to join
+        watchdog = threading.Timer(max(10.0, deadline - time.monotonic()), _give_up,
+                                   (f"could not start or reach {where} within {timeout_s:g} s (cluster.connect_timeout_s)",))
+        watchdog.daemon = True
+        watchdog.start()
+        ray.init(**_init_options(address))
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, "the GCS has become overloaded", ...
+        raise RayUnavailable(f"could not start or reach {where}: {last_line(exc)}; check RAY_ADDRESS and that the "
+                             f"cluster is up, then run the job again") from None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     protect_token()
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    return embedded
+    return not address
+
+
+class RayUnavailable(Unavailable):
+    """A Ray cluster that could not be started or reached in time."""
+
+
+def _give_up(why: str) -> None:
+    print(f"charnn: error: {why}; check RAY_ADDRESS and that the cluster is up, then run the job again",
+          file=sys.stderr, flush=True)
+    os._exit(RayUnavailable.exit_status)
+
+
+def _wait_for_gcs(address: str, deadline: float) -> None:
+    """Wait until something listens at a host:port address (the GCS), so that a cluster that is not
+    there is told in seconds, not after Ray's own retries."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # "auto", ray:// (Ray Client): Ray resolves those itself
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from None
+            time.sleep(1)
+
+
+def _init_options(address: str) -> dict:
+    """ray.init's arguments.  Ray Train's placement-group cleaner asks whether its controller lives
+    through Ray's state API, and a worker process with no RAY_ADDRESS asks the newest cluster on the
+    machine (/tmp/ray/ray_current_cluster), which may be another one that says "dead" and so has our
+    placement group removed: our workers are told which cluster is theirs."""
+    if not address:
+        port = _free_port()  # the embedded dashboard's port, chosen here so that workers can be told it
+        own = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        # dashboard on 127.0.0.1: Ray Train needs its state API
+        return {"address": "local", "dashboard_port": port, "log_to_driver": True, "runtime_env": {"env_vars": own}}
+    own = {} if "://" in address else {"RAY_ADDRESS": _resolved(address)}
+    # faults injected on this driver's command line reach the cluster's workers (an embedded Ray's
+    # workers inherit the driver's environment anyway)
+    own |= {k: v for k, v in os.environ.items() if k.startswith("CHARNN_FAULT")}
+    own = {k: v for k, v in own.items() if k not in _job_env_vars()}  # ray.init refuses to merge those
+    return {"log_to_driver": True, **({"runtime_env": {"env_vars": own}} if own else {})}
+
+
+def _resolved(address: str) -> str:
+    if address != "auto":
+        return address
+    from ray._private.services import canonicalize_bootstrap_address_or_die  # what ray.init itself does
+
+    return canonicalize_bootstrap_address_or_die(address)
+
+
+def _job_env_vars() -> set[str]:
+    """The variables that a submitted job's own runtime env sets (``ray job submit --runtime-env-json``)."""
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return set((config.get("runtime_env") or {}).get("env_vars") or {})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def protect_token() -> None:
@@ -87,8 +179,10 @@ def require_workers(cluster, embedded: bool) -> None:
 
 
 def print_result(result: dict) -> None:
-    """The last stdout line: one JSON object that schedulers read."""
-    print(redact(json.dumps(result, sort_keys=True)), flush=True)
+    """The last stdout line: one JSON object that schedulers read (a figure that is not finite is
+    null: NaN is not JSON)."""
+    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    print(redact(json.dumps(finite, sort_keys=True, allow_nan=False)), flush=True)
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -108,15 +202,31 @@ def execute(run: Callable[[], dict | None]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run()
-    except CharnnError as exc:  # one line, and the exit status its kind decides
-        print(f"charnn: {'busy' if isinstance(exc, Busy) else 'error'}: {redact(str(exc))}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         print("charnn: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - charnn's own errors, also as Ray hands them back
+        error = _one_line_error(exc)
+        if error is None:
+            raise  # a bug: its traceback is what a developer needs
+        print(f"charnn: {'busy' if isinstance(error, Busy) else 'error'}: {redact(str(error))}", file=sys.stderr,
+              flush=True)
+        sys.exit(error.exit_status)
     if result is not None:
         _stop_ray()  # workers' forwarded log lines would otherwise land after the result line
         print_result(result)
+
+
+def _one_line_error(exc: Exception) -> CharnnError | None:
+    """charnn's own error, or the one a Ray task or Ray Train worker raised (Ray wraps it in an
+    error whose text is a coloured traceback); any other Ray failure (a dead worker, out of memory)
+    as one line; None for anything else."""
+    if isinstance(exc, CharnnError) and type(exc).__module__.startswith("charnn."):
+        return exc
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(exc, ray.exceptions.RayError):
+        return as_charnn_error(exc, "a Ray task failed")
+    return None
 
 
 def _stop_ray() -> None:

@@ -3,48 +3,73 @@
 Tokenises the spec's corpus (reusing a dataset built before), trains on Ray Train, prints
 the validation figures and a generated sample, and ends with one JSON line.  With
 RAY_ADDRESS unset it runs on an embedded local Ray; under ``ray job submit`` or with
-RAY_ADDRESS set, on that cluster.  Running it again with the same run.name resumes.
+RAY_ADDRESS set, on that cluster.  Running it again with the same run.name resumes; while one
+job trains a run, another job of the same run exits with status 75 and writes nothing.
 """
 
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
-from charnn.config import dump_spec
+from charnn.config import Spec, dump_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.dataset import load_manifest
 from charnn.storage import StorageError, Store, describe_error, join
 from charnn.sample import GenerateOptions, sample_text
-from charnn.checkpoint import check_compatible, latest_checkpoint, load_model, load_payload
+from charnn.checkpoint import check_compatible, checkpoint_names, latest_checkpoint, load_model, load_payload
 from charnn.train.trainer import model_shape
-from charnn.train.launch import check_resume, fit
+from charnn.train.launch import check_resume, fit, run_lease
 
 
 def run() -> dict:
     spec = job_spec(__doc__)
-    run_url, store = join(spec.run.storage, spec.run.name), Store.of(spec.storage)
-    resume_from = latest_checkpoint(run_url, store)
+    checked = _checked_resume(spec)  # a resume of another model or other settings is refused before Ray starts
+    require_workers(spec.cluster, init_ray(spec.cluster.connect_timeout_s))
+    with run_lease(spec) as lease:  # from here on this job alone reads, resumes and writes the run
+        if checkpoint_names(_run_url(spec), Store.of(spec.storage)) != checked[0]:
+            checked = _checked_resume(spec)  # another job wrote checkpoints meanwhile
+        dataset = build_dataset(DatasetRequest.from_spec(spec))
+        if checked[1]:
+            check_resume(spec, checked[1], load_manifest(dataset, Store.of(spec.storage)))
+        _write_spec(spec)
+        checkpoint = fit(spec, dataset, lease=lease)
+    return _report(spec, dataset, checkpoint)
+
+
+def _run_url(spec: Spec) -> str:
+    return join(spec.run.storage, spec.run.name)
+
+
+def _checked_resume(spec: Spec) -> tuple[list[str], dict | None]:
+    """(the run's checkpoint names, the model.pt of its newest good one, checked against the spec:
+    of another model or other settings, it is refused here)."""
+    store = Store.of(spec.storage)
+    names = checkpoint_names(_run_url(spec), store)
+    resume_from = latest_checkpoint(_run_url(spec), store) if names else None
     saved = load_payload(resume_from, store) if resume_from else None
-    if saved:  # fail before any work if the run's checkpoints are of another model or other settings
+    if saved:
         check_compatible(saved, model_shape(spec, spec.data.alphabet), spec.data.alphabet)
         check_resume(spec, saved)
-    require_workers(spec.cluster, init_ray())
-    dataset = build_dataset(DatasetRequest.from_spec(spec))
-    if saved:
-        check_resume(spec, saved, load_manifest(dataset, store))
+    return names, saved
+
+
+def _write_spec(spec: Spec) -> None:
+    run_url = _run_url(spec)
     try:
-        store.write(join(run_url, "spec.yaml"), dump_spec(spec).encode())
+        Store.of(spec.storage).write(join(run_url, "spec.yaml"), dump_spec(spec).encode())
     except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
         raise StorageError(f"cannot write the run's spec {describe_error(run_url, exc)}") from None
 
-    checkpoint = fit(spec, dataset)
-    model, payload = load_model(checkpoint, store)
+
+def _report(spec: Spec, dataset: str, checkpoint: str) -> dict:
+    """Print the final checkpoint's validation figures and a sample; the job's result line."""
+    model, payload = load_model(checkpoint, Store.of(spec.storage))
     metrics = payload["metrics"]
     sample = "".join(sample_text(model, payload["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=2)))
     print(f"charnn: val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.3f} "
           f"val_bpc {metrics['val_bpc']:.3f}\ncharnn: sample:\n{sample}", flush=True)
     return {
-        "run": spec.run.name, "run_url": run_url, "dataset": dataset, "checkpoint": checkpoint,
-        "steps": metrics["step"], "epoch": metrics["epoch"], "first_loss": metrics["first_loss"],
-        "train_loss": metrics["train_loss"], "val_loss": metrics["val_loss"],
+        "run": spec.run.name, "run_url": _run_url(spec), "dataset": dataset,
+        "checkpoint": checkpoint, "steps": metrics["step"], "epoch": metrics["epoch"],
+        "first_loss": metrics["first_loss"], "train_loss": metrics["train_loss"], "val_loss": metrics["val_loss"],
         "val_accuracy": metrics["val_accuracy"], "tokens_per_s": metrics["tokens_per_s"],
     }
 

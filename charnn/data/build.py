@@ -20,15 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from charnn.errors import UserError
+from charnn.errors import CharnnError, UserError
 from charnn.data.alphabet import alphabet_size
-from charnn.data.cache import FIGURES, RESULT, cache_url, encode_group, load_index, lookup
+from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, encode_group, load_index, lookup
 from charnn.data.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
                               write_shard_file, write_sources)
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
-from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array
-from charnn.storage import Store, describe_error, join, open_atomic, redact, redact_urls
+from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array, url_keys
+from charnn.storage import StorageError, Store, describe_error, join, open_atomic, redact, redact_urls
 from charnn.data.stream import BlobReader, Stream
 
 GROUP_BYTES = 128 * 2**20  # an encode task's cost, at most (a single larger document is a task of its own)
@@ -37,6 +38,7 @@ DOCUMENT_COST = 8 * 2**10  # what opening and reading one more file costs, in by
 TASK_ATTEMPTS = 3  # runs of a task at most, when its worker dies (out of memory, a lost node)
 UNKNOWN_WARNING = 0.05  # gorner98 codes that are "unknown" above this share: probably not text
 WARNINGS_SHOWN = 5
+SPLITS = ("train", "val", "both")
 
 log = logging.getLogger("charnn.pipeline")
 
@@ -58,6 +60,9 @@ class DatasetRequest:
     shard_mb: int
     dataset_root: str
     store: Store = Store()
+    # URL of a Parquet table (url_key, split): documents it lists keep that split, even if rewritten
+    # since (a published version's sources table: a retrain never validates on text it trained on)
+    keep_splits: str | None = None
 
     @classmethod
     def from_spec(cls, spec) -> "DatasetRequest":
@@ -70,12 +75,51 @@ class DatasetRequest:
 
 
 def listed_documents(request: DatasetRequest) -> pa.Table:
-    """The sources' documents, each with its split and, if the cache has it, its cache entry."""
+    """The sources' documents (``url``, ``key``, ``size``, ``version``, ``url_key``), each with its
+    split and, if the cache has it, its cache entry."""
     listing = list_documents(request.sources, request.store)
-    listing = listing.append_column("split", pa.array(split_array(listing.column("key"), request.val_fraction)))
+    kept = kept_splits(request.keep_splits, listing.column("url_key"), request.store) if request.keep_splits else None
+    listing = listing.append_column("split", pa.array(split_array(listing.column("key"), request.val_fraction, kept)))
     found = lookup(listing, load_index(request.dataset_root, request.alphabet, request.store))
     pa.default_memory_pool().release_unused()
     return found
+
+
+def kept_splits(url: str, keys: pa.ChunkedArray, store: Store = Store()) -> np.ndarray | None:
+    """Per ``url_key`` in ``keys``: the split that the table at ``url`` gives it, or "" where it
+    lists none; None, with a warning, for a table without splits (a version published before
+    they were kept)."""
+    table = _read_splits_table(url, store)
+    if "split" not in table.column_names:
+        log.warning("%s lists no splits (written before they were kept): every document gets its split by "
+                    "the rule, and a document trained on may move into validation", redact(url))
+        return None
+    if "url_key" not in table.column_names:  # written before url_key: the key of the URL it stored
+        table = table.append_column("url_key", url_keys(table.column("url")))
+    unknown = set(pc.unique(table.column("split")).to_pylist()) - set(SPLITS)
+    if unknown:
+        raise PipelineError(f"{redact(url)}: unknown splits {sorted(map(str, unknown))} (not {', '.join(SPLITS)}); "
+                            f"give DatasetRequest.keep_splits a dataset's or a version's sources.parquet")
+    positions = pc.index_in(keys, value_set=table.column("url_key").combine_chunks())
+    kept = pc.take(table.column("split").combine_chunks(), positions)
+    return pc.fill_null(kept, "").to_numpy(zero_copy_only=False).astype("<U5")
+
+
+def _read_splits_table(url: str, store: Store) -> pa.Table:
+    try:
+        fs, path = store.fs(url)
+        data = fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - whichever backend raised it
+        raise StorageError(f"cannot read the splits to keep: {describe_error(url, exc)}") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+        if "url_key" not in table.column_names and "url" not in table.column_names:
+            raise ValueError("it has neither a url_key nor a url column")
+        return table
+    except Exception as exc:  # noqa: BLE001 - whatever a torn or foreign file makes the reader say
+        raise PipelineError(f"{redact(url)}: cannot read the splits to keep ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); give a dataset's or a version's "
+                            f"sources.parquet") from None
 
 
 def encode_groups(documents: pa.Table, cpus: int) -> list[pa.Table]:
@@ -116,6 +160,8 @@ def run_tasks(fn, calls: list[tuple[tuple, dict]], what: str) -> list:
     try:
         return ray.get([task.remote(*args, **kwargs) for args, kwargs in calls])
     except ray.exceptions.RayError as exc:
+        if isinstance(getattr(exc, "cause", None), CharnnError):  # already one line that names the fix
+            raise exc.cause from None
         cause = " ".join(str(exc).split())[-300:]
         raise PipelineError(f"{what} failed after {TASK_ATTEMPTS} attempts: {redact(cause)}; give the "
                             f"Ray workers more memory, or leave the largest files out") from None
@@ -166,13 +212,15 @@ def stream_of(documents: pa.Table, split: str, request: DatasetRequest) -> Strea
 
 
 def dataset_key(request: DatasetRequest, documents: pa.Table) -> str:
+    """The dataset directory's name: a hash of everything that decides its content, each
+    document's split included (splits kept from a published version may differ from the rule's)."""
     digest = hashlib.sha256(json.dumps({
         "format": FORMAT, "alphabet": request.alphabet, "seq_len": request.seq_len, "rows": request.rows,
         "workers": request.workers, "val_fraction": request.val_fraction, "shard_mb": request.shard_mb,
         "split_rule": SPLIT_RULE}, sort_keys=True).encode())
-    for batch in documents.select(["url", "identity"]).to_batches(CHUNK_ROWS):
-        for url, identity in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            digest.update(f"{url}\0{identity}\n".encode())
+    for batch in documents.select(["url", "identity", "split"]).to_batches(CHUNK_ROWS):
+        for url, identity, split in zip(*(column.to_pylist() for column in batch.columns)):
+            digest.update(f"{url}\0{identity}\0{split}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -204,17 +252,19 @@ def write_dataset(request: DatasetRequest, documents: pa.Table) -> tuple[str, di
     streams = {split: stream_of(documents, split, request) for split in ("train", "val")}
     layouts = _layouts(request, streams)
     url = join(request.dataset_root, dataset_key(request, documents))
-    fs, manifest_path = request.store.fs(join(url, "manifest.json"))
-    if fs.exists(manifest_path):
-        log.info("dataset %s exists; reusing it", url)
-        return url, None
-    fs.makedirs(manifest_path.rsplit("/", 1)[0], exist_ok=True)
+    with dataset_root_access(url, "write the dataset"):
+        fs, manifest_path = request.store.fs(join(url, "manifest.json"))
+        if fs.exists(manifest_path):
+            log.info("dataset %s exists; reusing it", url)
+            return url, None
+        fs.makedirs(manifest_path.rsplit("/", 1)[0], exist_ok=True)
     splits = _write_shards(request, streams, layouts, url)
     sources = documents.set_column(documents.schema.get_field_index("url"), "url", redact_urls(documents.column("url")))
-    write_sources(url, sources, request.store)
     manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
                         SPLIT_RULE, request.val_fraction, documents.num_rows, splits)
-    write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.store)
+    with dataset_root_access(url, "write the dataset"):
+        write_sources(url, sources, request.store)
+        write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.store)
     return url, splits
 
 

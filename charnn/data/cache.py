@@ -8,11 +8,15 @@ Under ``<dataset_root>/documents/v2/<alphabet>/``::
 A group is one encode task: many small documents, or one large one, up to about
 ``GROUP_BYTES`` of input, read and encoded in chunks of ``CHUNK`` bytes (bounded memory
 whatever a document's size, ``.gz`` included).  A document's ``identity`` is the SHA-256 of the
-bytes read; the cache finds a document again by (URL, size, version) as listed, so an
+bytes read; the cache finds a document again by (``url_key``, size, version) as listed, so an
 unchanged document is neither read nor encoded twice, and two documents never share an entry
-because their stores gave them the same ETag.  A document that changes between the listing and
-the end of its read is an error: its listed version and size are checked before and after
-(S3 reads also carry ``If-Match`` with the ETag).
+because their stores gave them the same ETag, or because their URLs look alike once masked
+(the index stores URLs masked, for display, and the SHA-256 of the raw URL to find them by).
+An index file written before ``url_key`` existed is read with the key of its masked URL: an
+unmasked URL still finds its entry, a masked one finds none and is encoded again.  A damaged
+index file is skipped with a warning: its documents are encoded again.  A document that
+changes between the listing and the end of its read is an error: its listed version and size
+are checked before and after (S3 reads also carry ``If-Match`` with the ETag).
 """
 from __future__ import annotations
 
@@ -32,22 +36,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from charnn.errors import UserError
+from charnn.errors import CharnnError, UserError
 from charnn.data import s3
 from charnn.data.alphabet import StreamEncoder, encode_bytes
-from charnn.data.sources import store_version
-from charnn.storage import (Store, describe_error, is_local, join, open_atomic, protocol, redact, redact_urls, s3_refusal)
+from charnn.data.sources import store_version, url_keys
+from charnn.storage import (StorageError, Store, basename, describe_error, is_local, join, open_atomic, protocol,
+                            redact, redact_urls, s3_refusal)
 
 CACHE_VERSION = "v2"
 CHUNK = 4 * 2**20  # bytes read at a time; documents up to this size are read whole
 READ_AHEAD = 64, 32 * 2**20  # small remote documents fetched together by an encode task: count, bytes
 BOMB_RATIO, BOMB_FLOOR = 100, 64 * 2**20  # a .gz may expand this much (text: 3-5x)
 INDEX = pa.schema([
-    ("url", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("identity", pa.string()),
-    ("blob", pa.string()), ("offset", pa.int64()), ("tokens", pa.int64()), ("unknown", pa.float64()),
+    ("url", pa.string()), ("url_key", pa.string()), ("size", pa.int64()), ("version", pa.string()),
+    ("identity", pa.string()), ("blob", pa.string()), ("offset", pa.int64()), ("tokens", pa.int64()),
+    ("unknown", pa.float64()),
 ])
-FIGURES = INDEX.names[3:]  # what encoding a document finds out
+FOUND_BY = ["url_key", "size", "version"]  # what finds a document in the index
+FIGURES = INDEX.names[4:]  # what encoding a document finds out
 RESULT = pa.schema([*INDEX, ("error", pa.string())])
+INDEX_READERS = 16  # index files read at once: one small GET each on an object store
 
 log = logging.getLogger("charnn.pipeline")
 
@@ -60,30 +68,82 @@ def cache_url(root: str, alphabet: str) -> str:
     return join(root, "documents", CACHE_VERSION, alphabet)
 
 
+@contextlib.contextmanager
+def dataset_root_access(url: str, what: str):
+    """Any failure to reach ``data.dataset_root`` (an endpoint away, a bucket or a permission
+    missing) as one line that says what could not be done and what to check."""
+    try:
+        yield
+    except CharnnError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whichever backend raised it
+        text = describe_error(url, exc)
+        hint = "" if "; check " in text else "; check that data.dataset_root exists and is writable"
+        raise StorageError(f"data.dataset_root: cannot {what}: {text}{hint}") from None
+
+
 def load_index(root: str, alphabet: str, store: Store = Store()) -> pa.Table:
-    """Every cached document with a trustworthy version, one row per (url, size, version)."""
-    fs, path = store.fs(join(cache_url(root, alphabet), "index"))
-    fs.invalidate_cache()
-    files = [p for p in (fs.ls(path, detail=False) if fs.exists(path) else []) if p.endswith(".parquet")]
-    if not files:
+    """Every cached document with a trustworthy version, one row per (url_key, size, version)."""
+    url = join(cache_url(root, alphabet), "index")
+    with dataset_root_access(url, "read the document cache's index"):
+        fs, path = store.fs(url)
+        fs.invalidate_cache()
+        files = [p for p in (fs.ls(path, detail=False) if fs.exists(path) else []) if p.endswith(".parquet")]
+        with ThreadPoolExecutor(INDEX_READERS, thread_name_prefix="charnn-index") as pool:
+            read = list(pool.map(lambda p: _read_index_file(fs, p), files))
+    _warn_damaged([(join(url, basename(p)), r) for p, r in zip(files, read) if isinstance(r, Exception)])
+    tables = [r for r in read if isinstance(r, pa.Table)]
+    if not tables:
         return INDEX.empty_table()
-    table = pq.read_table(files, filesystem=fs, schema=INDEX)
+    table = pa.concat_tables(tables)
     table = table.filter(pc.not_equal(table.column("version"), ""))
-    return table.group_by(["url", "size", "version"], use_threads=False).aggregate(
-        [(name, "first") for name in FIGURES]
-    ).rename_columns(["url", "size", "version", *FIGURES])
+    return table.group_by(FOUND_BY, use_threads=False).aggregate(
+        [(name, "first") for name in ["url", *FIGURES]]
+    ).rename_columns([*FOUND_BY, "url", *FIGURES]).select(INDEX.names)
+
+
+def _read_index_file(fs, path: str) -> pa.Table | Exception | None:
+    """One index file (``INDEX``), the exception that shows it damaged, or None if it is gone."""
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:  # removed since the listing: its documents are simply not cached
+        return None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+        if "url_key" not in table.column_names:  # written before url_key: the key of the URL it stored
+            table = table.append_column("url_key", url_keys(table.column("url")))
+        return table.select(INDEX.names).cast(INDEX)
+    except Exception as exc:  # noqa: BLE001 - whatever a torn or foreign file makes the reader say
+        return exc
+
+
+def _warn_damaged(damaged: list[tuple[str, Exception]]) -> None:
+    """One line for every damaged index file: a build goes on without them."""
+    if damaged:
+        (url, first), more = damaged[0], f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        cause = " ".join(f"{type(first).__name__}: {first}".split())[:200]
+        log.warning("%s%s: damaged document cache index skipped (%s); the documents it lists will be re-encoded; "
+                    "delete it to stop this warning", redact(url), more, redact(cause))
 
 
 def lookup(listing: pa.Table, index: pa.Table) -> pa.Table:
     """The listing with each document's cache entry, or nulls where it has none, in URL order."""
     if index.num_rows == 0:
-        for field in INDEX.remove(0).remove(0).remove(0):
-            listing = listing.append_column(field, pa.nulls(listing.num_rows, field.type))
+        for name in FIGURES:
+            listing = listing.append_column(INDEX.field(name), pa.nulls(listing.num_rows, INDEX.field(name).type))
         return listing
-    keyed = listing.append_column("cached_url", redact_urls(listing.column("url")))  # as the index has it
-    found = keyed.join(index.rename_columns(["cached_url", *INDEX.names[1:]]), keys=["cached_url", "size", "version"],
-                       join_type="left outer", use_threads=False)
-    return found.drop_columns(["cached_url"]).sort_by("url")
+    found = listing.join(index.select([*FOUND_BY, *FIGURES]), keys=FOUND_BY, join_type="left outer",
+                         use_threads=False)
+    return found.sort_by("url")
+
+
+def index_rows(encoded: pa.Table) -> pa.Table:
+    """The ``INDEX`` rows of documents encoded under their raw URLs: each found by its raw
+    URL's key, and the URL itself masked, so that the cache holds no credentials."""
+    keys = url_keys(encoded.column("url"))
+    urls = redact_urls(encoded.column("url"))
+    encoded = encoded.drop_columns([c for c in ("url", "url_key") if c in encoded.column_names])
+    return encoded.append_column("url", urls).append_column("url_key", keys).select(INDEX.names).cast(INDEX)
 
 
 def _changed(what: str) -> DocumentError:
@@ -277,11 +337,26 @@ def encode_group(group: pa.Table, root: str, alphabet: str, store: Store = Store
     that a failed document left in the blob are named by no index row."""
     blob = uuid.uuid4().hex
     base = cache_url(root, alphabet)
-    cache_fs, blob_path = store.fs(join(base, "blobs", f"{blob}.u8"))
+    with dataset_root_access(base, "write the document cache"):
+        cache_fs, blob_path = store.fs(join(base, "blobs", f"{blob}.u8"))
+        with open_atomic(cache_fs, blob_path) as file:  # synced before the index that names its codes
+            rows = _encode_into(_Counted(file), group, alphabet, blob, store)
+    result = pa.Table.from_pylist(rows, schema=RESULT)
+    good = index_rows(result.filter(pc.is_null(result.column("error"))).drop_columns(["error"]))
+    if good.num_rows:
+        with dataset_root_access(base, "write the document cache"):
+            index_fs, index_path = store.fs(join(base, "index", f"{blob}.parquet"))
+            with open_atomic(index_fs, index_path) as f:
+                pq.write_table(good, f)
+    # what the driver needs, in the group's order; the blob's id goes back once, not per document
+    figures = result.select([*FIGURES, "error"])
+    return figures.set_column(1, "blob", pc.dictionary_encode(figures.column("blob")))
+
+
+def _encode_into(sink: _Counted, group: pa.Table, alphabet: str, blob: str, store: Store) -> list[dict]:
+    """Each document's row of ``RESULT``: its figures, or its error."""
     rows, fs_of = [], _filesystems(store)
-    # synced before the index that names its codes is written
-    with open_atomic(cache_fs, blob_path) as file, ThreadPoolExecutor(16, thread_name_prefix="charnn-read") as pool:
-        sink = _Counted(file)
+    with ThreadPoolExecutor(16, thread_name_prefix="charnn-read") as pool:
         for doc, fetched in _prefetched(group.select(["url", "size", "version"]).to_pylist(), fs_of, pool):
             offset = sink.offset
             try:
@@ -291,16 +366,7 @@ def encode_group(group: pa.Table, root: str, alphabet: str, store: Store = Store
                 rows.append({**doc, "error": redact(f"{doc['url']}: {exc}")})
             except Exception as exc:  # noqa: BLE001 - reported by the driver, with every other failure
                 rows.append({**doc, "error": describe_error(doc["url"], exc)})
-    result = pa.Table.from_pylist(rows, schema=RESULT)
-    good = result.filter(pc.is_null(result.column("error"))).drop_columns(["error"])
-    good = good.set_column(0, "url", redact_urls(good.column("url")))  # the cache holds no credentials
-    if good.num_rows:
-        index_fs, index_path = store.fs(join(base, "index", f"{blob}.parquet"))
-        with open_atomic(index_fs, index_path) as f:
-            pq.write_table(good, f)
-    # what the driver needs, in the group's order; the blob's id goes back once, not per document
-    figures = result.select([*FIGURES, "error"])
-    return figures.set_column(1, "blob", pc.dictionary_encode(figures.column("blob")))
+    return rows
 
 
 def _encode_listed(doc: dict, fetched, alphabet: str, sink, fs_of) -> dict:

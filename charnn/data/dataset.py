@@ -2,10 +2,11 @@
 
 A dataset directory holds Arrow IPC shards (``SHARD_SCHEMA``: ``row`` int32, ``start`` int64,
 ``tokens`` list<uint8>; each holds a run of steps of one worker's rows), ``sources.parquet``
-(one row per document: url, key, size, identity, tokens, split) and ``manifest.json``, written
-last.  Format ``charnn.rows/2`` keeps the documents in the Parquet table so that the manifest
-stays small for a million documents; ``charnn.rows/1`` manifests, which list them inline, are
-still read.  The shard layout is the same in both.
+(one row per document: url, url_key, key, size, identity, tokens, split; tables written before
+url_key are read with the key of the URL they hold) and ``manifest.json``, written last.
+Format ``charnn.rows/2`` keeps the documents in the Parquet table so that the manifest stays
+small for a million documents; ``charnn.rows/1`` manifests, which list them inline, are still
+read.  The shard layout is the same in both.
 """
 from __future__ import annotations
 
@@ -20,15 +21,18 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from charnn.errors import UserError
-from charnn.storage import Store, join, open_atomic, write_bytes_atomic
+from charnn.data.sources import url_keys
+from charnn.storage import StorageError, Store, describe_error, join, open_atomic, redact, write_bytes_atomic
 
 FORMAT = "charnn.rows/2"
 READABLE = ("charnn.rows/1", FORMAT)
 MANIFEST = "manifest.json"
 SOURCES = "sources.parquet"
 SHARD_SCHEMA = pa.schema([("row", pa.int32()), ("start", pa.int64()), ("tokens", pa.list_(pa.uint8()))])
-SOURCES_SCHEMA = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()),
-                            ("identity", pa.string()), ("tokens", pa.int64()), ("split", pa.string())])
+# url: masked (for display); url_key: the SHA-256 of the raw URL (what comparisons go by)
+SOURCES_SCHEMA = pa.schema([("url", pa.string()), ("url_key", pa.string()), ("key", pa.string()),
+                            ("size", pa.int64()), ("identity", pa.string()), ("tokens", pa.int64()),
+                            ("split", pa.string())])
 
 
 class DatasetError(UserError):
@@ -118,11 +122,28 @@ class Manifest:
     def sources(self, store: Store = Store()) -> pa.Table:
         """The dataset's documents (``SOURCES_SCHEMA``), in stream order."""
         if self.inline_sources:
-            return pa.Table.from_pylist([{k: d[k] for k in SOURCES_SCHEMA.names} for d in self.inline_sources],
-                                        SOURCES_SCHEMA)
-        fs, path = store.fs(join(self.url, SOURCES))
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, schema=SOURCES_SCHEMA)
+            names = [n for n in SOURCES_SCHEMA.names if n != "url_key"]
+            return _with_url_keys(pa.Table.from_pylist([{k: d[k] for k in names} for d in self.inline_sources]))
+        url = join(self.url, SOURCES)
+        try:
+            fs, path = store.fs(url)
+            with fs.open(path, "rb") as f:
+                return _with_url_keys(pq.read_table(f))
+        except FileNotFoundError:
+            raise DatasetError(f"{self.url} has no {SOURCES}: its build did not finish or it was damaged; delete "
+                               f"{self.url} and run the job again to rebuild it") from None
+        except (pa.ArrowException, ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{redact(url)} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                               f"delete {self.url} and run the job again to rebuild it") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {describe_error(url, exc)}") from None
+
+
+def _with_url_keys(table: pa.Table) -> pa.Table:
+    """A sources table as ``SOURCES_SCHEMA``; one written before url_key gets the key of its URL."""
+    if "url_key" not in table.column_names:
+        table = table.append_column("url_key", url_keys(table.column("url")))
+    return table.select(SOURCES_SCHEMA.names).cast(SOURCES_SCHEMA)
 
 
 def stream_digest(manifest: Manifest, sources: pa.Table) -> str:

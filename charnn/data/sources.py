@@ -1,16 +1,18 @@
 """Documents: what ``data.sources`` names, listed with metadata only, and the stable split rule.
 
-A listing is an Arrow table (``LISTING``), one row per document, sorted by URL.  It is built
-from a stream of directory entries (``os.scandir`` locally, S3's paginated listing), a chunk
-of rows at a time, so the driver holds a few compact columns per document however many files
-there are.  A document's ``version`` is what its store says changes when its bytes change (the
-mtime in nanoseconds locally, the ETag on S3, the generation on GCS); the document cache trusts
-it only together with the URL and the size, and plain HTTP gets none (its ETags are often
-mtime-length pairs), so an HTTP document is read on every build.
+A listing is an Arrow table (``LISTING``), one row per document, sorted by URL, each with its
+``url_key`` (``charnn.storage.url_key``: what the cache and every comparison know it by).  It
+is built from a stream of directory entries (``os.scandir`` locally, S3's paginated listing),
+a chunk of rows at a time, so the driver holds a few compact columns per document however many
+files there are.  A glob is walked from its literal root by the directory walk's rules, never
+through a symlinked directory.  A document's ``version`` is what its store says changes when its
+bytes change (the mtime in nanoseconds locally, the ETag on S3, the generation on GCS); the
+document cache trusts it only together with the URL and the size, and plain HTTP gets none (its
+ETags are often mtime-length pairs), so an HTTP document is read on every build.
 """
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
 import logging
 import os
@@ -23,11 +25,12 @@ import pyarrow.compute as pc
 
 from charnn.data import s3
 from charnn.data.corpora import corpus_path
-from charnn.storage import StorageError, Store, describe_error, is_local, protocol
+from charnn.storage import StorageError, Store, describe_error, is_local, protocol, url_key
 
 GLOB_CHARS = "*?["
 SPLIT_RULE = "sha256(key) < val_fraction; else the smallest hash; one document: its tail"
-LISTING = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+LISTING = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()), ("version", pa.string()),
+                     ("url_key", pa.string())])
 CHUNK_ROWS = 65_536  # rows held as Python objects before they become Arrow columns
 
 log = logging.getLogger("charnn.pipeline")
@@ -70,6 +73,7 @@ class _Columns:
     def flush(self) -> None:
         if self.rows:
             columns = [list(c) for c in zip(*self.rows)]
+            columns.append([url_key(u) for u in columns[0]])
             self.batches.append(pa.RecordBatch.from_arrays(columns, schema=LISTING))
             self.rows = []
 
@@ -96,6 +100,12 @@ class _Skipped:
             log.warning("%s: skipped %d %s (first: %s); %s", self.source, count, kind, first, fixes[kind])
 
 
+def url_keys(urls) -> pa.ChunkedArray:
+    """``url_key`` of each URL of an Arrow array, a chunk at a time."""
+    return pa.chunked_array([pa.array([url_key(u) for u in urls.slice(i, CHUNK_ROWS).to_pylist()], pa.string())
+                             for i in range(0, len(urls), CHUNK_ROWS)], pa.string())
+
+
 def _utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
@@ -104,17 +114,20 @@ def _utf8(name: str) -> bool:
         return False
 
 
+def _scan(directory: str) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(directory))
+    except OSError as exc:
+        raise StorageError(f"cannot read directory {directory} ({exc.strerror or exc}); "
+                           f"make it readable or leave it out of data.sources") from None
+
+
 def _walk_local(root: str, columns: _Columns, skipped: _Skipped) -> None:
     """Every regular file under ``root`` (symlinks to files included), hidden names left out."""
     pending, prefix = [root], len(root.rstrip("/")) + 1  # a key is the path below root
     while pending:
         directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError as exc:
-            raise StorageError(f"cannot read directory {directory} ({exc.strerror or exc}); "
-                               f"make it readable or leave it out of data.sources") from None
-        for entry in entries:
+        for entry in _scan(directory):
             if entry.name.startswith("."):
                 continue
             if not _utf8(entry.name):
@@ -138,14 +151,75 @@ def _add_local(path: str, key: str, columns: _Columns, skipped: _Skipped) -> Non
         skipped.add("entries that are not regular files", path)
 
 
+class _Pattern:
+    """A glob's path segments below its literal root, matched one directory level at a time.
+
+    A state is how many segments are matched so far; ``**`` (a whole segment) matches zero or
+    more directories, or, as the last segment, every file below.  As in ``glob``, a directory
+    whose name starts with "." is entered only by a segment that starts with "." too (``.git``
+    or ``.g*``, never ``*`` or ``**``); a file whose name does is never listed, as a directory
+    source leaves it out."""
+
+    def __init__(self, segments: list[str]):
+        self.segments = segments
+
+    def closure(self, states: set[int]) -> frozenset[int]:
+        more = {s + 1 for s in states if s < len(self.segments) and self.segments[s] == "**"}
+        return frozenset(states) if more <= states else self.closure(states | more)
+
+    def _matches(self, segment: str, name: str) -> bool:
+        if name.startswith(".") and not segment.startswith("."):
+            return False
+        return segment != "**" and fnmatch.fnmatchcase(name, segment)
+
+    def step(self, states: frozenset[int], name: str) -> tuple[bool, frozenset[int]]:
+        """(whether a file called ``name`` matches, the states inside a directory called ``name``:
+        empty where nothing below it can match)."""
+        last, hidden = len(self.segments) - 1, name.startswith(".")
+        live = [s for s in states if s <= last]
+        as_file = not hidden and last in states and (self.segments[last] == "**" or
+                                                     self._matches(self.segments[last], name))
+        inside = {s + 1 for s in live if self._matches(self.segments[s], name)}
+        if not hidden:
+            inside |= {s for s in live if self.segments[s] == "**"}
+        return as_file, frozenset(s for s in self.closure(inside) if s <= last)
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory a glob's first wildcard lies in: where it is walked from, what keys are relative to."""
+    return pattern[: min(pattern.find(c) for c in GLOB_CHARS if c in pattern)].rsplit("/", 1)[0] or "/"
+
+
+def _glob_local(pattern: str, columns: _Columns, skipped: _Skipped) -> None:
+    """The files a glob matches, walked from its literal root by ``_walk_local``'s rules
+    (symlinked directories are never followed, so a symlink cycle cannot list for ever) and
+    entering only directories that something below could match."""
+    root = _glob_root(pattern)
+    if not os.path.isdir(root):
+        return
+    match = _Pattern([s for s in pattern[len(root):].split("/") if s])
+    pending = [(root, "", match.closure({0}))]
+    while pending:
+        directory, prefix, states = pending.pop()
+        for entry in _scan(directory):
+            as_file, inside = match.step(states, entry.name)
+            if not (as_file or inside):
+                continue
+            if not _utf8(entry.name):
+                skipped.add("files whose names are not UTF-8", repr(os.fsencode(entry.path)))
+            elif entry.is_dir(follow_symlinks=False):
+                if inside:
+                    pending.append((entry.path, f"{prefix}{entry.name}/", inside))
+            elif entry.is_symlink() and entry.is_dir():
+                if inside:
+                    skipped.add("symlinked directories", entry.path)
+            elif as_file:
+                _add_local(entry.path, prefix + entry.name, columns, skipped)
+
+
 def _list_local(path: str, columns: _Columns, skipped: _Skipped) -> None:
     if any(c in path for c in GLOB_CHARS):
-        root = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
-        for match in glob.iglob(path, recursive=True):
-            if not _utf8(match):
-                skipped.add("files whose names are not UTF-8", repr(os.fsencode(match)))
-            elif not os.path.isdir(match) and not os.path.basename(match).startswith("."):
-                _add_local(match, posixpath.relpath(match, root), columns, skipped)
+        _glob_local(path, columns, skipped)
     elif os.path.isdir(path):
         _walk_local(path, columns, skipped)
     elif os.path.lexists(path):
@@ -225,8 +299,25 @@ def split_hash(key: str) -> float:
     return float(split_hashes([key])[0])
 
 
-def split_array(keys, val_fraction: float) -> np.ndarray:
-    """'train', 'val' or 'both' for each key (see ``assign_splits``)."""
+def split_array(keys, val_fraction: float, kept: np.ndarray | None = None) -> np.ndarray:
+    """'train', 'val' or 'both' for each key (see ``assign_splits``).
+
+    ``kept``: per key, the split an earlier version trained it with, or "" for a document it did
+    not have.  Kept documents keep theirs, so that a growing corpus never moves text a published
+    model trained on into validation; the others follow the rule, and only they may take the
+    fallbacks (no validation: the smallest hash; no training: the largest)."""
+    if kept is None or not (kept != "").any():
+        return _split_by_hash(keys, val_fraction)
+    hashes, new = split_hashes(keys), kept == ""
+    splits = np.where(new, np.where(hashes < val_fraction, "val", "train"), kept).astype("<U5")
+    if new.any() and not np.isin(splits, ["val", "both"]).any():
+        splits[np.flatnonzero(new)[np.argmin(hashes[new])]] = "val"
+    if new.any() and not np.isin(splits, ["train", "both"]).any():
+        splits[np.flatnonzero(new)[np.argmax(hashes[new])]] = "train"
+    return splits
+
+
+def _split_by_hash(keys, val_fraction: float) -> np.ndarray:
     if len(keys) == 1:
         return np.array(["both"])
     hashes = split_hashes(keys)

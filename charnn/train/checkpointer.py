@@ -4,16 +4,21 @@ Every rank saves the hidden states of its own rows and its RNG state, rank 0 the
 the optimiser, and each rank seals its files with their checksums (``charnn.checkpoint`` holds
 the format); the framework stores them as one directory, named by step and attempt.  On a
 (re)start rank 0 picks the checkpoint to resume for every rank.
+
+One job trains a run at a time: its driver holds the run directory's lease (``RunDirectory``), and
+the workers save only while no newer lease exists, so the workers of a job that lost its run (a
+driver frozen past its lease while another job took over) never write into it.
 """
 from __future__ import annotations
 
 import tempfile
-import uuid
 
 import torch
 import torch.distributed as dist
 
 from charnn import checkpoint as ckpt
+from charnn.errors import Busy
+from charnn.lease import LeasedDirectory
 from charnn.model import ModelShape
 from charnn.storage import StorageError, Store, basename
 from charnn.train.context import WorkerContext
@@ -23,9 +28,22 @@ from charnn.train.state import TrainState
 from charnn.train.step import Parts, distributed
 
 
+class RunBusy(Busy):
+    """Another job trains this run (its lease is live, or newer than this job's); exit 75."""
+
+
+class RunDirectory(LeasedDirectory):
+    """A run's directory, ``<run.storage>/<run.name>``: one job trains it at a time, so that two jobs
+    never resume, write and report each other's checkpoints."""
+
+    Busy = RunBusy
+    writer = "job training this run"
+
+
 class Checkpointer:
-    def __init__(self, run_url: str, store: Store, context: WorkerContext, every: int):
-        self.run_url, self.store, self.context, self.every = run_url, store, context, every
+    def __init__(self, run_url: str, store: Store, context: WorkerContext, every: int, lease: int | None = None):
+        """``lease``: the run lease its job's driver holds; checkpoints are written only while it is the newest."""
+        self.run_url, self.store, self.context, self.every, self.lease = run_url, store, context, every, lease
         self.attempt = ""
 
     def should_save(self, step: int, last: bool) -> bool:
@@ -48,6 +66,7 @@ class Checkpointer:
         """Save the rows ``carried`` holds (and, on rank 0, the model) and report them with the
         state's figures; ``meta`` is what else ``model.pt`` records."""
         rank, world = self.context.rank, self.context.world
+        self._refuse_if_taken_over()
         with tempfile.TemporaryDirectory(prefix="charnn-ckpt-") as directory:
             ckpt.save_rank_files(directory, rank, *carried)
             if rank == 0:
@@ -58,6 +77,21 @@ class Checkpointer:
             inject("kill-in-checkpoint", state.step, rank)
             self.context.report(state.metrics, directory, ckpt.checkpoint_name(state.step, self.attempt))
 
+    def _refuse_if_taken_over(self) -> None:
+        """Stop, on every rank, if another job has taken this run over since this job's driver took its
+        lease: rank 0 looks, and tells the others (checkpoint steps sync anyway)."""
+        if self.lease is None:
+            return
+        newest = [None]
+        if self.context.rank == 0:
+            numbers = RunDirectory(self.run_url, self.store).lease_numbers()
+            newest[0] = numbers[-1] if numbers else None
+        if distributed():
+            dist.broadcast_object_list(newest, src=0)
+        if newest[0] is not None and newest[0] > self.lease:
+            raise RunBusy(f"another job took run {self.run_url} over (lease {newest[0]}; this job holds {self.lease}); "
+                          f"this one stops without saving")
+
     def _agree_on_resume(self) -> str | None:
         """The checkpoint to resume from, decided by rank 0 for every rank (ranks that each chose
         for themselves could resume different weights, or hang in a collective, after a read error
@@ -66,10 +100,11 @@ class Checkpointer:
         Rank 0 takes the run directory's newest good checkpoint.  It may be newer than the one the
         framework registered, when a worker died between saving a checkpoint and the controller
         registering it; or older, when the registered one was damaged afterwards."""
-        choice = [None, uuid.uuid4().hex[:8], None]
+        choice = [None, None, None]
         if self.context.rank == 0:
             try:
                 choice[0] = ckpt.latest_checkpoint(self.run_url, self.store)
+                choice[1] = ckpt.new_attempt(choice[0] and basename(choice[0]))
                 self._say_if_not_registered(choice[0])
             except (ckpt.CheckpointError, StorageError) as exc:
                 choice[2] = exc

@@ -3,27 +3,39 @@ from __future__ import annotations
 
 import logging
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from charnn.config import Spec, redacted_dict
 from charnn.data.dataset import Manifest
-from charnn.errors import TrainingError, UserError
+from charnn.errors import CharnnError, TrainingError, as_charnn_error
+from charnn.lease import Lease
 from charnn.storage import Store, join
 from charnn.checkpoint import (CheckpointError, latest_checkpoint, resume_differences, resume_settings,
                               set_aside_unusable_ray_snapshot)
+from charnn.train.checkpointer import RunDirectory
 from charnn.train.trainer import train_loop_per_worker
 
 
-def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> TorchTrainer:
-    """A trainer for ``spec`` on ``dataset_url``; a new run starts from ``init_from``'s weights if given."""
+RUN_LEASE_S = 60.0  # a driver that dies on another machine keeps its run from others this long at most
+
+
+def run_lease(spec: Spec) -> Lease:
+    """The lease of the spec's run directory, for its driver to hold while it trains the run."""
+    return RunDirectory(join(spec.run.storage, spec.run.name), Store.of(spec.storage)).lease(RUN_LEASE_S)
+
+
+def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None, lease: int | None = None) -> TorchTrainer:
+    """A trainer for ``spec`` on ``dataset_url``; a new run starts from ``init_from``'s weights if given;
+    its workers write checkpoints only while the run's newest lease is ``lease`` (when given)."""
     storage_path, storage_filesystem = Store.of(spec.storage).for_ray(spec.run.storage)
     resources = {"CPU": spec.cluster.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
         # Ray records this config and serves it on the dashboard: the spec with credentials masked
         # (workers never read data.sources; the keys they do read may carry none, see jobs/spec.py).
-        train_loop_config={"spec": redacted_dict(spec), "dataset": dataset_url, "init_from": init_from},
+        train_loop_config={"spec": redacted_dict(spec), "dataset": dataset_url, "init_from": init_from,
+                           "run_lease": lease},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu, resources_per_worker=resources,
@@ -38,14 +50,17 @@ def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None) -> 
     )
 
 
-def fit(spec: Spec, dataset_url: str, init_from: str | None = None) -> str:
-    """Train (or resume) the spec's run; the URL of its final checkpoint: the run directory's
-    newest good one, which Ray Train's result may not name when a worker died between saving
-    it and the controller registering it."""
+def fit(spec: Spec, dataset_url: str, init_from: str | None = None, lease: Lease | None = None) -> str:
+    """Train (or resume) the spec's run, holding its ``lease`` if given; the URL of its final
+    checkpoint: the run directory's newest good one, which Ray Train's result may not name when a
+    worker died between saving it and the controller registering it."""
     run_url = join(spec.run.storage, spec.run.name)
     store = Store.of(spec.storage)
     set_aside_unusable_ray_snapshot(run_url, store)
-    result = make_trainer(spec, dataset_url, init_from).fit()
+    try:
+        result = make_trainer(spec, dataset_url, init_from, lease and lease.number).fit()
+    except TrainingFailedError as exc:  # Ray 2.60 raises what earlier versions returned as result.error
+        raise training_error(exc) from None
     if result.error is not None:
         raise training_error(result.error)
     final = latest_checkpoint(run_url, store)
@@ -73,12 +88,7 @@ def check_resume(spec: Spec, saved: dict, manifest: Manifest | None = None) -> N
                                             "; ".join(differences))
 
 
-def training_error(error: Exception) -> Exception:
-    """The project's own error a worker raised (a one-line user error), else a TrainingError."""
-    failures = getattr(error, "worker_failures", None) or {}
-    cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
-    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's own exception
-    if isinstance(cause, UserError):
-        return cause
-    text = " ".join(str(cause).split())
-    return TrainingError(f"training failed: {type(cause).__name__}: {text[-500:]}")
+def training_error(error: Exception) -> CharnnError:
+    """The project's own error a worker raised (a one-line user error, with its exit status), else a
+    TrainingError with the first failing worker's error in one line."""
+    return as_charnn_error(error, "training failed")

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from charnn.storage import Store, basename, is_local, join
+from charnn.train.state import OpenInterval
 from charnn.train.step import all_sum, distributed
 
 METRICS_FILE = "metrics.jsonl"
@@ -71,6 +72,21 @@ class Interval:
         self.correct = self.correct + (logits.argmax(-1) == y).sum()
         self.count += y.numel()
         self.steps += 1
+
+    def carried(self, device) -> OpenInterval:
+        """The interval so far, summed over every rank (a collective: every rank calls it, at
+        checkpoint steps), for the checkpoint."""
+        loss, correct, count = all_sum([float(self.loss), float(self.correct), self.count], device)
+        return OpenInterval(loss, correct, int(count), self.steps, self.clock.seconds() - self.since)
+
+    def resume(self, carried: OpenInterval | None, rank: int) -> None:
+        """Continue the interval a checkpoint carried.  Rank 0 holds every rank's sums so far (the
+        means of ``close`` sum over ranks, so each is counted once); every rank, its steps and time."""
+        if carried is None:
+            return
+        if rank == 0:
+            self.loss, self.correct, self.count = carried.loss, carried.correct, carried.count
+        self.steps, self.since = carried.steps, self.clock.seconds() - carried.seconds
 
     def close(self, device) -> dict:
         """Mean loss and accuracy over all workers, and this interval's speed; starts a new interval."""
@@ -127,12 +143,33 @@ def _points_until(store: Store, url: str, step: int) -> list[dict]:
     are logged again)."""
     if not step or not store.exists(url):
         return []
-    return [p for p in map(json.loads, store.read(url).decode().splitlines()) if p["step"] <= step]
+    return [p for p in _parse_points(store.read(url), url) if p["step"] <= step]
+
+
+def _parse_points(data: bytes, url: str) -> list[dict]:
+    """The whole points of a metrics.jsonl.  It is written without fsync (it is rewritten at every
+    report), so a crash can leave it cut short or holding blocks never written: such lines are
+    skipped, with one warning, rather than stop the run from resuming."""
+    points, unreadable = [], 0
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            point = json.loads(line)
+        except ValueError:
+            point = None
+        if isinstance(point, dict) and isinstance(point.get("step"), int) and point.get("split") in ("train", "val"):
+            points.append(point)
+        elif line.strip():
+            unreadable += 1
+    if unreadable:
+        say(f"charnn: warning: skipped {unreadable} unreadable line{'s' if unreadable > 1 else ''} of {url} "
+            f"(cut short by a crash?); their points are lost")
+    return points
 
 
 def read_points(store: Store, run_url: str) -> dict[str, list[dict]]:
     """A run's logged points by split ("train", "val"), in step order."""
-    points = [json.loads(line) for line in store.read(join(run_url, METRICS_FILE)).decode().splitlines()]
+    url = join(run_url, METRICS_FILE)
+    points = _parse_points(store.read(url), url)
     return {split: [p for p in points if p["split"] == split] for split in ("train", "val")}
 
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from charnn.train.step import all_max
 
 
 def decay(progress: float, schedule: str, min_ratio: float) -> float:
@@ -22,9 +25,44 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return decay((step - warmup) / max(1, total - warmup), schedule, min_ratio)
 
 
+@dataclass
+class TimeBudget:
+    """``train.minutes`` of training clock: it paces the schedule and ends the run.  Every rank
+    reads one clock, the latest of the ranks' clocks that they agreed on at a log step: a rank that
+    read its own would apply its own learning rate, and DDP would keep replicas that differ."""
+
+    seconds: float
+    agreed: float = 0.0  # the training clock as agreed last (after a resume: the checkpoint's)
+
+    def progress(self) -> float:
+        """How much of the budget is spent, 0 to 1, by the agreed clock."""
+        return min(1.0, self.agreed / self.seconds)
+
+    def spent(self) -> bool:
+        return self.agreed >= self.seconds
+
+    def agree(self, clock_seconds: float, device) -> bool:
+        """Agree on the clock with every rank (a collective, for log steps): the latest of theirs
+        becomes everyone's.  Whether the budget is spent."""
+        self.agreed = all_max([clock_seconds], device)[0]
+        return self.spent()
+
+
+def pace(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the learning rate again for the schedule's current step, now that what paces it (the
+    agreed clock) has moved: the steps until the next agreement take the new rate, not one step
+    later."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        rate = base * factor(scheduler.last_epoch)
+        if isinstance(group["lr"], torch.Tensor):  # fused or capturable Adam may hold it as a tensor
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+
+
 def make_optimizer(model: torch.nn.Module, train, total_steps: int, use_gpu: bool, progress=None):
     """Adam and its schedule.  The schedule follows the steps, or ``progress()`` (0 to 1: how
-    much of a time budget is spent) once warmup is over."""
+    much of a time budget is spent, the same on every rank) once warmup is over."""
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, fused=use_gpu or None, foreach=None if use_gpu else True)
 
     def factor(step: int) -> float:

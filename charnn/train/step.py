@@ -1,5 +1,6 @@
 """The training step and validation, in plain PyTorch: no Ray here, so the bare benchmarks,
-the profiler and a GPU check run the very code that the Ray Train workers run."""
+the profiler and a GPU check run the very code that the Ray Train workers run; and the guard that
+stops a run whose loss or weights are no longer finite."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,13 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from charnn.data.reader import SplitReader
+from charnn.errors import UserError
 from charnn.model import CharGRU
+
+
+class TrainingDiverged(UserError):
+    """A run whose loss or weights are no longer finite numbers: it stops before it saves or
+    reports them (a checkpoint of NaN weights would be resumed, published and sampled from)."""
 
 
 def distributed() -> bool:
@@ -25,6 +32,43 @@ def all_sum(values: list[float], device) -> list[float]:
     if distributed():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_max(values: list[float], device) -> list[float]:
+    """The largest of every rank's ``values``, element by element (a collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def diverged(what: str, step: int) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: {what} at step {step} (not saved); use a new run.name with a "
+                            f"lower train.lr or a train.grad_clip")
+
+
+def check_figures(figures: dict[str, float | None], step: int) -> None:
+    """Raise TrainingDiverged if one of ``figures`` (each named as the message says it) is not
+    finite.  They must be all-reduced, the same on every rank, so that every rank raises here."""
+    for what, value in figures.items():
+        if value is not None and not math.isfinite(value):
+            raise diverged(f"{what} is {value}", step)
+
+
+def check_weights_and_loss(model: torch.nn.Module, running_loss: torch.Tensor | float, step: int, device) -> None:
+    """Raise TrainingDiverged, on every rank at this step, if any rank's weights or the train loss
+    it has summed since its last progress line are not finite.  One all-reduce and one host sync:
+    for steps that sync anyway (log, sample, validation and checkpoint steps)."""
+    weights = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    loss = torch.isfinite(torch.as_tensor(running_loss, device=device)).all()
+    bad = torch.stack([~weights, ~loss]).to(torch.float64)
+    if distributed():
+        dist.all_reduce(bad)
+    weights_bad, loss_bad = bad.tolist()
+    if weights_bad:
+        raise diverged("the weights are not finite (NaN or inf)", step)
+    if loss_bad:
+        raise diverged("the train loss is not finite", step)
 
 
 def to_batch(window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

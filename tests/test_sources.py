@@ -235,7 +235,7 @@ def listing_of(urls: list[str], size: int = 58, version: str = "mtime_ns:1700000
 
 @settings(max_examples=200, deadline=None)
 @given(urls_that_may_mask_alike())
-def test_two_distinct_urls_never_share_a_cache_key(pair):
+def test_two_distinct_urls_never_share_a_cache_key_or_a_change_detection_key(pair):
     from charnn.data.cache import index_rows
     from charnn.storage import redact, url_key
 
@@ -248,6 +248,12 @@ def test_two_distinct_urls_never_share_a_cache_key(pair):
     assert index.column("url").to_pylist() == [redact(first)]  # the index holds no credentials
     found = {d["url"]: d["identity"] for d in lookup(listing_of([first, second]), index).to_pylist()}
     assert found == {first: "sha256:first", second: None}
+    # retrain's change detection goes by the same key: the second document is new, never "the same"
+    from charnn.cli.retrain import changed_documents
+
+    listed = listing_of([first, second])
+    current = dict(zip(listed.column("url_key").to_pylist(), ["sha256:first", "sha256:second"]))
+    assert changed_documents(current, {url_key(first): "sha256:first"}) == ([url_key(second)], [])
 
 
 def test_an_index_written_before_url_keys_finds_only_urls_that_were_not_masked(tmp_path):

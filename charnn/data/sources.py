@@ -29,8 +29,8 @@ from charnn.storage import StorageError, Store, describe_error, is_local, protoc
 
 GLOB_CHARS = "*?["
 SPLIT_RULE = "sha256(key) < val_fraction; else the smallest hash; one document: its tail"
-LISTING = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-                     ("url_key", pa.string())])
+LISTED = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+LISTING = LISTED.append(pa.field("url_key", pa.string()))
 CHUNK_ROWS = 65_536  # rows held as Python objects before they become Arrow columns
 
 log = logging.getLogger("charnn.pipeline")
@@ -73,13 +73,12 @@ class _Columns:
     def flush(self) -> None:
         if self.rows:
             columns = [list(c) for c in zip(*self.rows)]
-            columns.append([url_key(u) for u in columns[0]])
-            self.batches.append(pa.RecordBatch.from_arrays(columns, schema=LISTING))
+            self.batches.append(pa.RecordBatch.from_arrays(columns, schema=LISTED))
             self.rows = []
 
     def table(self) -> pa.Table:
         self.flush()
-        return pa.Table.from_batches(self.batches, LISTING)
+        return pa.Table.from_batches(self.batches, LISTED)
 
 
 class _Skipped:
@@ -273,7 +272,9 @@ def list_documents(sources: list[str], store: Store = Store()) -> pa.Table:
     listing = _unique_urls(pa.concat_tables(tables).sort_by("url"))
     del tables
     pa.default_memory_pool().release_unused()  # the unsorted copy goes back to the system
-    return listing
+    # keyed once sorted and unique: the keys are never copied by the sort (at 200,000 documents that
+    # was 40 MB more of the driver's peak)
+    return listing.append_column(LISTING.field("url_key"), url_keys(listing.column("url")))
 
 
 def _unique_urls(table: pa.Table) -> pa.Table:

@@ -34,6 +34,7 @@ def job_spec(description: str) -> Spec:
 
 
 CONNECT_TIMEOUT_S = 120.0  # cluster.connect_timeout_s when a caller has no spec
+RETRY = "check RAY_ADDRESS and that the cluster is up, then run the job again"
 
 
 def init_ray(timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
@@ -62,8 +63,7 @@ def init_ray(timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
         watchdog.start()
         ray.init(**_init_options(address))
     except Exception as exc:  # noqa: BLE001 - ConnectionError, "the GCS has become overloaded", ...
-        raise RayUnavailable(f"could not start or reach {where}: {last_line(exc)}; check RAY_ADDRESS and that the "
-                             f"cluster is up, then run the job again") from None
+        raise RayUnavailable(f"could not start or reach {where}: {last_line(exc)}; {RETRY}") from None
     finally:
         if watchdog is not None:
             watchdog.cancel()
@@ -77,8 +77,7 @@ class RayUnavailable(Unavailable):
 
 
 def _give_up(why: str) -> None:
-    print(f"charnn: error: {why}; check RAY_ADDRESS and that the cluster is up, then run the job again",
-          file=sys.stderr, flush=True)
+    print(f"charnn: error: {why}; {RETRY}", file=sys.stderr, flush=True)
     os._exit(RayUnavailable.exit_status)
 
 

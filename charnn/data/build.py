@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from charnn.errors import CharnnError, UserError
+from charnn.errors import CharnnError, UserError, root_cause
 from charnn.data.alphabet import alphabet_size
 from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, encode_group, load_index, lookup
 from charnn.data.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
@@ -160,10 +160,11 @@ def run_tasks(fn, calls: list[tuple[tuple, dict]], what: str) -> list:
     try:
         return ray.get([task.remote(*args, **kwargs) for args, kwargs in calls])
     except ray.exceptions.RayError as exc:
-        if isinstance(getattr(exc, "cause", None), CharnnError):  # already one line that names the fix
-            raise exc.cause from None
-        cause = " ".join(str(exc).split())[-300:]
-        raise PipelineError(f"{what} failed after {TASK_ATTEMPTS} attempts: {redact(cause)}; give the "
+        cause = root_cause(exc)
+        if isinstance(cause, CharnnError) and type(cause).__module__.startswith("charnn."):
+            raise cause from None  # already one line that names the fix
+        text = " ".join(str(exc).split())[-300:]
+        raise PipelineError(f"{what} failed after {TASK_ATTEMPTS} attempts: {redact(text)}; give the "
                             f"Ray workers more memory, or leave the largest files out") from None
 
 

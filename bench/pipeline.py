@@ -89,7 +89,7 @@ def baseline(corpus: str, root: str) -> dict:
         T, L = layout.seq_len, layout.row_length
         for plan in plan_shards(layout, WORKERS, 64 * 2**20):
             s0, s1 = plan.steps.start, plan.steps.stop
-            segments = [stream[r * L + s0 * T : r * L + s1 * T + 1] for r in plan.rows]
+            segments = np.stack([stream[r * L + s0 * T : r * L + s1 * T + 1] for r in plan.rows])
             with open(os.path.join(root, plan.name(split)), "wb") as sink:
                 write_shard_file(sink, shard_table(plan.rows, s0 * T, segments))
     return {"seconds": time.perf_counter() - started}

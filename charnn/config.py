@@ -81,6 +81,7 @@ class DataConfig:
     dataset_root: Annotated[StrictStr, _NoCredentials] = "~/.cache/charnn/datasets"
     val_fraction: StrictFloat = Field(0.1, gt=0, lt=1)
     shard_mb: StrictInt = Field(64, gt=0)
+    max_concurrency: Optional[StrictInt] = Field(None, gt=0)  # Ray Data tasks at once; None: the free CPUs
 
 
 @dataclass(config=_SECTION)

@@ -1,4 +1,5 @@
 """The Ray Data pipeline on a real local Ray, against real files."""
+import dataclasses
 import json
 
 import numpy as np
@@ -196,13 +197,12 @@ def test_documents_whose_urls_mask_alike_are_each_their_own_rows_when_rebuilt(ra
 def test_a_charnn_error_in_a_task_is_its_own_one_line(ray_local, tmp_path):
     from support.servers import free_port
 
-    from charnn.data.build import run_tasks
-    from charnn.data.cache import encode_group
+    from charnn.data.build import encode_documents
     from charnn.data.sources import list_documents
 
     write_corpus(tmp_path / "c", 1, 5)
     store = Store(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
-    call = ((list_documents([str(tmp_path / "c")]),), {"root": "s3://nowhere/ds", "alphabet": "gorner98", "store": store})
+    wanted = dataclasses.replace(request(tmp_path, [tmp_path / "c"]), dataset_root="s3://nowhere/ds", store=store)
     with pytest.raises(StorageError, match="^data.dataset_root: cannot write the document cache") as info:
-        run_tasks(encode_group, [call], "encoding the documents")
+        encode_documents(list_documents([str(tmp_path / "c")]), wanted)
     assert "\n" not in str(info.value) and "attempts" not in str(info.value)

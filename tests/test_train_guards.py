@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-import charnn.data.build as build
 from charnn.checkpoint import latest_checkpoint, load_payload
 from charnn.config import load_spec
 from charnn.data.build import DatasetRequest, build_dataset
@@ -35,16 +34,16 @@ def smoke(root, name: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """A tiny dataset, built in this process: the build's Ray tasks run as plain calls."""
+    """A tiny dataset, built on a local Ray that is shut down before the tests (they run in-process)."""
     import ray
 
     root = tmp_path_factory.mktemp("guards")
     write_corpus(root / "corpus", documents=6, lines=14, seed=5)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(build, "run_tasks", lambda fn, calls, what: [fn(*args, **kwargs) for args, kwargs in calls])
-        patch.setattr(ray, "put", lambda value: value)
-        patch.setattr(ray, "cluster_resources", lambda: {"CPU": 1})
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
         return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any")))
+    finally:
+        ray.shutdown()
 
 
 def trainer(dataset, name: str, *overrides: str) -> Trainer:

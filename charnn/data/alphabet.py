@@ -73,7 +73,8 @@ class StreamEncoder:
         self._held_cr = not final and data.endswith(b"\r")
         if self._held_cr:
             data = data[:-1]
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\r" in data:  # a memchr: most text has no CR, and the replaces are two full scans
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not data.isascii() or (self._utf8 and self._utf8.getstate()[0]):
             # Only non-ASCII text pays for decoding; one code per character after it.
             self._utf8 = self._utf8 or codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -1,18 +1,23 @@
-"""The Ray job: sources -> the document cache -> row shards -> sources table -> manifest.
+"""The Ray Data job: sources -> the document cache -> row shards -> sources table -> manifest.
 
 The driver lists the sources and looks every document up in the cache index; it holds a few
 Arrow columns per document, never the documents.  Documents that are new or changed are
-encoded by Ray tasks, one per group of up to ``GROUP_BYTES`` of input (many small files, or
-one large one), each writing one cache blob.  Shards are written by Ray tasks, one per shard,
-each reading only the pieces of the cache that its rows cover.  ``manifest.json`` is
-written last, so a dataset directory without it does not exist for any reader.
+encoded by a Ray Data read (``operators.EncodeSource``), one read task per group of up to
+``GROUP_BYTES`` of input (many small files, or one large one), each writing one cache blob.
+The driver lays the rows out (a prefix sum over the documents' token counts: Ray Data has no
+scan), then a Ray Data write (``operators.ShardSink``) writes the shards, a task per shard,
+each reading only the pieces of the cache that its rows cover.  ``manifest.json`` is written
+last, by the sink's ``on_write_complete``, so a dataset directory without it does not exist
+for any reader.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -24,21 +29,24 @@ import pyarrow.parquet as pq
 
 from charnn.errors import CharnnError, UserError, root_cause
 from charnn.data.alphabet import alphabet_size
-from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, encode_group, load_index, lookup
-from charnn.data.dataset import (FORMAT, Manifest, Shard, Split, shard_table, stream_digest, write_manifest,
-                              write_shard_file, write_sources)
+from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, load_index, lookup
+from charnn.data.dataset import FORMAT, Manifest, Shard, Split, stream_digest, write_manifest, write_sources
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array, url_keys
-from charnn.storage import StorageError, Store, describe_error, join, open_atomic, redact, redact_urls
-from charnn.data.stream import BlobReader, Stream
+from charnn.data.operators import (TASK_ATTEMPTS, EncodeSource, ShardPlanRow, ShardSink, StageOptions,
+                                  in_listing_order, read)
+from charnn.storage import StorageError, Store, describe_error, join, redact, redact_urls
+from charnn.data.stream import Stream
 
 GROUP_BYTES = 128 * 2**20  # an encode task's cost, at most (a single larger document is a task of its own)
 GROUP_MIN_BYTES = 4 * 2**20  # ... and at least, unless the corpus costs less
 DOCUMENT_COST = 8 * 2**10  # what opening and reading one more file costs, in bytes read
-TASK_ATTEMPTS = 3  # runs of a task at most, when its worker dies (out of memory, a lost node)
 UNKNOWN_WARNING = 0.05  # gorner98 codes that are "unknown" above this share: probably not text
 WARNINGS_SHOWN = 5
 SPLITS = ("train", "val", "both")
+# what Ray Data appends to a task's error ("Failed to apply UDF transform after 1/3 attempts ..."),
+# escaped ("\\n") once the error is one of charnn's one-line errors
+RAY_DATA_RETRY_NOTE = re.compile(r"(\n|\\n)Failed to .* after \d+/\d+ attempts.*$", re.S)
 
 log = logging.getLogger("charnn.pipeline")
 
@@ -63,6 +71,7 @@ class DatasetRequest:
     # URL of a Parquet table (url_key, split): documents it lists keep that split, even if rewritten
     # since (a published version's sources table: a retrain never validates on text it trained on)
     keep_splits: str | None = None
+    stage: StageOptions = StageOptions()  # how the Ray Data operators run; not the dataset's content
 
     @classmethod
     def from_spec(cls, spec) -> "DatasetRequest":
@@ -71,6 +80,7 @@ class DatasetRequest:
             rows=spec.cluster.num_workers * spec.train.batch_per_worker, workers=spec.cluster.num_workers,
             val_fraction=spec.data.val_fraction, shard_mb=spec.data.shard_mb,
             dataset_root=spec.data.dataset_root, store=Store.of(spec.storage),
+            stage=StageOptions(spec.data.max_concurrency),
         )
 
 
@@ -135,35 +145,34 @@ def encode_groups(documents: pa.Table, cpus: int) -> list[pa.Table]:
     return [documents.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
-def _encode(missing: pa.Table, request: DatasetRequest) -> pa.Table:
+def encode_documents(missing: pa.Table, request: DatasetRequest) -> pa.Table:
+    """The figures of every ``missing`` document, in its order: Ray Data's read of ``EncodeSource``."""
     import ray
+    import ray.data
 
-    groups = encode_groups(missing, int(ray.cluster_resources().get("CPU", 1)))
-    options = {"root": request.dataset_root, "alphabet": request.alphabet, "store": request.store}
-    results = run_tasks(encode_group, [((group,), options) for group in groups], "encoding the documents")
-    if not results:
+    if missing.num_rows == 0:
         return RESULT.empty_table().select([*FIGURES, "error"])
-    figures = pa.concat_tables([r.set_column(1, "blob", r.column("blob").cast(pa.string())) for r in results])
-    del results
-    return figures
+    groups = encode_groups(missing, int(ray.cluster_resources().get("CPU", 1)))
+    source = EncodeSource(groups, request.dataset_root, request.alphabet, request.store)
+    with _stage("encoding the documents"):
+        blocks = read(source, request.stage).iter_batches(batch_size=None, batch_format="pyarrow")
+        figures = in_listing_order(blocks)
+    return figures.set_column(1, "blob", figures.column("blob").cast(pa.string()))
 
 
-def run_tasks(fn, calls: list[tuple[tuple, dict]], what: str) -> list:
-    """``fn(*args, **kwargs)`` for each call, as Ray tasks of one CPU, results in call order.
-
-    Plain tasks, not Ray Data: measured on this job (2 cores, 13 groups of 15,000 documents),
-    ``map_batches`` took 10.5 s where these take 5.9 s.  A task whose worker dies (out of
-    memory, a lost node) runs at most ``TASK_ATTEMPTS`` times, never for ever."""
+@contextlib.contextmanager
+def _stage(what: str):
+    """A Ray Data stage's failure as one line: a task's own charnn error as it is, anything else
+    (a worker that died ``TASK_ATTEMPTS`` times) with what to do."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=TASK_ATTEMPTS - 1)(fn)
     try:
-        return ray.get([task.remote(*args, **kwargs) for args, kwargs in calls])
-    except ray.exceptions.RayError as exc:
+        yield
+    except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as exc:
         cause = root_cause(exc)
         if isinstance(cause, CharnnError) and type(cause).__module__.startswith("charnn."):
-            raise cause from None  # already one line that names the fix
-        text = " ".join(str(exc).split())[-300:]
+            raise type(cause)(RAY_DATA_RETRY_NOTE.sub("", str(cause))) from None  # already names the fix
+        text = " ".join(str(cause).split())[-300:]
         raise PipelineError(f"{what} failed after {TASK_ATTEMPTS} attempts: {redact(text)}; give the "
                             f"Ray workers more memory, or leave the largest files out") from None
 
@@ -174,7 +183,7 @@ def catalogue(request: DatasetRequest) -> pa.Table:
     # bytes a document: 13 MB of the driver's peak at 200,000 documents)
     found = listed_documents(request).drop_columns(["url_key"])
     missing = pc.is_null(found.column("identity"))
-    encoded = _encode(found.select(["url", "size", "version"]).filter(missing), request)  # not a copy of every column
+    encoded = encode_documents(found.select(["url", "size", "version"]).filter(missing), request)  # not a copy of every column
     _raise_first_error(pc.drop_null(encoded.column("error")).to_pylist(), "reading the sources failed")
     found = found.drop_columns(["version"])
     for name in FIGURES:
@@ -261,55 +270,48 @@ def write_dataset(request: DatasetRequest, documents: pa.Table) -> tuple[str, di
             log.info("dataset %s exists; reusing it", url)
             return url, None
         fs.makedirs(manifest_path.rsplit("/", 1)[0], exist_ok=True)
-    splits = _write_shards(request, streams, layouts, url)
-    # URLs masked (the dataset holds no credentials) beside the key of each raw URL (what comparisons go by)
-    sources = documents.set_column(documents.schema.get_field_index("url"), "url", redact_urls(documents.column("url")))
-    sources = sources.append_column("url_key", url_keys(documents.column("url")))
-    manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
-                        SPLIT_RULE, request.val_fraction, documents.num_rows, splits)
-    with dataset_root_access(url, "write the dataset"):
-        write_sources(url, sources, request.store)
-        write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.store)
-    return url, splits
+
+    def commit(splits: dict[str, Split]) -> None:
+        # URLs masked (the dataset holds no credentials) beside the key of each raw URL (what comparisons go by)
+        sources = documents.set_column(documents.schema.get_field_index("url"), "url",
+                                       redact_urls(documents.column("url")))
+        sources = sources.append_column("url_key", url_keys(documents.column("url")))
+        manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
+                            SPLIT_RULE, request.val_fraction, documents.num_rows, splits)
+        with dataset_root_access(url, "write the dataset"):
+            write_sources(url, sources, request.store)
+            write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.store)
+
+    return url, _write_shards(request, streams, layouts, url, commit)
 
 
 def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: dict[str, Layout],
-                  url: str) -> dict[str, Split]:
-    import ray
+                  url: str, commit) -> dict[str, Split]:
+    """Every shard, written by Ray Data's write of ``ShardSink``; ``commit`` runs once all are whole."""
+    import ray.data
 
-    splits, tasks = {}, []
+    splits, plans = {}, []
     for split, layout in layouts.items():
-        plans = plan_shards(layout, request.workers, request.shard_mb * 2**20)
+        shards = plan_shards(layout, request.workers, request.shard_mb * 2**20)
         splits[split] = Split(layout.rows, layout.row_length, layout.steps, streams[split].tokens,
-                              tuple(_shard(plan, split) for plan in plans))
-        tasks += [{"url": join(url, plan.name(split)), "split": split, "rows": [plan.rows.start, plan.rows.stop],
-                   "steps": [plan.steps.start, plan.steps.stop], "seq_len": layout.seq_len,
-                   "row_length": layout.row_length} for plan in plans]
-    streams_ref = ray.put(streams)
-    written = run_tasks(write_shard, [((task, streams_ref, request.store), {}) for task in tasks],
-                        f"writing shards under {url}")
-    _raise_first_error([w["error"] for w in written], f"writing shards under {url} failed")
+                              tuple(_shard(plan, split) for plan in shards))
+        plans += [dataclasses.asdict(ShardPlanRow(join(url, plan.name(split)), split, plan.rows.start, plan.rows.stop,
+                                                  plan.steps.start, plan.steps.stop, layout.seq_len, layout.row_length))
+                  for plan in shards]
+
+    def committed(errors: list[str]) -> None:
+        _raise_first_error(errors, f"writing shards under {url} failed")
+        commit(splits)
+
+    with _stage(f"writing shards under {url}"):
+        ray.data.from_items(plans, override_num_blocks=len(plans)).write_datasink(
+            ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency,
+            ray_remote_args=request.stage.remote_args())
     return splits
 
 
 def _shard(plan: ShardPlan, split: str) -> Shard:
     return Shard(plan.name(split), plan.worker, (plan.rows.start, plan.rows.stop), (plan.steps.start, plan.steps.stop))
-
-
-def write_shard(task: dict, streams, store: Store = Store()) -> dict:
-    """Ray task: cut one worker's step range out of its rows and write it as Arrow IPC."""
-    try:
-        T, L = task["seq_len"], task["row_length"]
-        s0, s1 = task["steps"]
-        rows = range(*task["rows"])
-        reader = BlobReader(streams[task["split"]], store)
-        segments = [reader.read(r * L + s0 * T, r * L + s1 * T + 1) for r in rows]
-        fs, path = store.fs(task["url"])
-        with open_atomic(fs, path) as f:  # synced: the manifest will vouch for it
-            write_shard_file(f, shard_table(rows, s0 * T, segments))
-        return {"url": task["url"], "error": ""}
-    except Exception as exc:  # noqa: BLE001 - any backend error is reported by the driver
-        return {"url": task["url"], "error": describe_error(task["url"], exc)}
 
 
 def _check_documents(documents: pa.Table, alphabet: str) -> None:

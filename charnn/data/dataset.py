@@ -39,16 +39,16 @@ class DatasetError(UserError):
     """A dataset directory that is missing, incomplete or of another format."""
 
 
-def shard_table(rows: range, start: int, segments: list[np.ndarray]) -> pa.Table:
-    """The shard contract: one equal-length segment per row, all starting at ``start``."""
+def shard_table(rows: range, start: int, tokens: np.ndarray) -> pa.Table:
+    """The shard contract: row i of ``tokens`` (uint8 [len(rows), S]) is row ``rows[i]`` from
+    ``start`` on; the table's tokens are ``tokens``' own buffer, not a copy."""
+    tokens = np.ascontiguousarray(tokens, np.uint8)
     return pa.table(
         {
             "row": pa.array(rows, pa.int32()),
             "start": pa.array([start] * len(rows), pa.int64()),
             "tokens": pa.ListArray.from_arrays(
-                pa.array(np.arange(len(rows) + 1) * len(segments[0]), pa.int32()),
-                pa.array(np.concatenate(segments), pa.uint8()),
-            ),
+                pa.array(np.arange(len(rows) + 1) * tokens.shape[1], pa.int32()), pa.array(tokens.reshape(-1))),
         },
         schema=SHARD_SCHEMA,
     )

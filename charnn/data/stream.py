@@ -89,12 +89,19 @@ class BlobReader:
         self.stream, self.store, self.maps = stream, store, {}
 
     def read(self, begin: int, end: int) -> np.ndarray:
-        parts = [read.wanted(self._bytes(read.blob, read.lo, read.hi)) for read in plan_reads(self.stream, begin, end)]
-        codes = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        if codes.size != end - begin:
-            raise StreamError(f"the document cache holds fewer codes than its index says ({codes.size} < "
-                              f"{end - begin}); delete the dataset root's documents/ directory and rebuild")
-        return codes
+        return self.read_into(np.empty(end - begin, np.uint8), begin)
+
+    def read_into(self, out: np.ndarray, begin: int) -> np.ndarray:
+        """Stream tokens [begin, begin + len(out)) copied into ``out`` (one copy from the cache)."""
+        filled = 0
+        for read in plan_reads(self.stream, begin, begin + len(out)):
+            part = read.wanted(self._bytes(read.blob, read.lo, read.hi))
+            out[filled : filled + len(part)] = part
+            filled += len(part)
+        if filled != len(out):
+            raise StreamError(f"the document cache holds fewer codes than its index says ({filled} < "
+                              f"{len(out)}); delete the dataset root's documents/ directory and rebuild")
+        return out
 
     def _bytes(self, blob: int, lo: int, hi: int) -> np.ndarray:
         fs, path = self.store.fs(self.stream.blobs[blob])

@@ -1,0 +1,201 @@
+"""The pipeline's Ray Data operators: the encode stage's read, the shard stage's sink, and a
+built dataset's rows as a ``ray.data.Dataset``.
+
+Ray Data pays its overhead per task and per block, so each operator works on large units:
+a read task encodes a whole group of documents (``build.encode_groups``: many small files, or
+one large one) and yields one small block of figures; a write task writes whole shards.  No
+document is ever a block or a task of its own.  Tasks are retried by Ray Data when their
+worker dies (out of memory, a lost node), at most ``TASK_ATTEMPTS`` runs; a document that
+cannot be read is a row's ``error``, reported by the driver, never retried.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasink, Datasource, ReadTask
+
+from charnn.data.cache import encode_group
+from charnn.data.dataset import Manifest, Split, load_manifest, shard_table, write_shard_file
+from charnn.data.stream import BlobReader, Stream
+from charnn.storage import Store, describe_error, join, open_atomic
+
+TASK_ATTEMPTS = 3  # runs of a task at most, when its worker dies (out of memory, a lost node)
+FIGURE_BYTES = 96  # an encoded document's row of figures, about
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """How the pipeline's operators run: ``concurrency`` (``data.max_concurrency``; None lets
+    Ray Data decide from the cluster's free CPUs) tasks of one CPU each."""
+
+    concurrency: int | None = None
+
+    def remote_args(self) -> dict:
+        # Ray Data retries a task whose worker died for ever by default: a document that makes
+        # its worker run out of memory would do so for ever
+        return {"num_cpus": 1, "max_retries": TASK_ATTEMPTS - 1}
+
+
+def read(source: Datasource, stage: StageOptions):
+    """``ray.data.read_datasource`` with the stage's options.  Ray 2.60 names no parameter for a
+    read's retries and warns that ``ray_remote_args`` goes away in 2.64: quieted here, where the
+    pin to 2.60 is."""
+    import ray.data
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", category=DeprecationWarning)
+        # one block per read task: Ray Data would otherwise split small outputs for parallelism
+        return ray.data.read_datasource(source, concurrency=stage.concurrency, ray_remote_args=stage.remote_args(),
+                                        override_num_blocks=source.read_tasks)
+
+
+class EncodeSource(Datasource):
+    """The encode stage as a Ray Data read: one read task per group of documents, which encodes
+    the group into one new cache blob, indexes it, and yields the group's figures (``FIGURES``,
+    ``error``) with each document's ``position`` in the listing (Ray Data keeps no order)."""
+
+    def __init__(self, groups: list[pa.Table], root: str, alphabet: str, store: Store):
+        self.groups, self.root, self.alphabet, self.store = groups, root, alphabet, store
+
+    def get_name(self) -> str:
+        return "EncodeDocuments"
+
+    @property
+    def read_tasks(self) -> int:
+        return len(self.groups)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(group.num_rows for group in self.groups) * FIGURE_BYTES
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        tasks, first = [], 0
+        for group in self.groups:
+            read = functools.partial(_encode_task, group, first, self.root, self.alphabet, self.store)
+            meta = BlockMetadata(num_rows=group.num_rows, size_bytes=group.num_rows * FIGURE_BYTES,
+                                 input_files=None, exec_stats=None)
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+            first += group.num_rows
+        return tasks
+
+
+def _encode_task(group: pa.Table, first: int, root: str, alphabet: str, store: Store) -> Iterable[pa.Table]:
+    figures = encode_group(group, root, alphabet, store)
+    yield figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
+
+
+def in_listing_order(blocks: Iterable[pa.Table]) -> pa.Table:
+    """The encode stage's output blocks as one table in the listing's order, ``position`` dropped."""
+    table = pa.concat_tables([b.unify_dictionaries() for b in blocks], promote_options="permissive")
+    return table.take(pc.sort_indices(table.column("position"))).drop_columns(["position"])
+
+
+@dataclass(frozen=True)
+class ShardPlanRow:
+    """One shard to write: which split, which rows and steps, and where."""
+
+    url: str
+    split: str
+    row_first: int
+    row_stop: int
+    step_first: int
+    step_stop: int
+    seq_len: int
+    row_length: int
+
+
+class ShardSink(Datasink):
+    """The shard stage as a Ray Data write: each write task cuts its shards (``ShardPlanRow``
+    rows) out of the split's stream, read from the document cache, and writes them atomically;
+    ``on_write_complete`` (on the driver, once every shard is whole) runs ``commit``, which
+    writes the sources table and then ``manifest.json``: a dataset without it exists for no reader."""
+
+    def __init__(self, streams: dict[str, Stream], store: Store, commit):
+        import ray
+
+        self.streams_ref, self.store, self.commit = ray.put(streams), store, commit
+
+    def get_name(self) -> str:
+        return "WriteShards"
+
+    def write(self, blocks: Iterable, ctx) -> list[str]:
+        import ray
+
+        streams = ray.get(self.streams_ref)
+        return [write_shard(ShardPlanRow(**row), streams, self.store)
+                for block in blocks for row in BlockAccessor.for_block(block).to_arrow().to_pylist()]
+
+    def on_write_complete(self, write_result) -> None:
+        self.commit([error for errors in write_result.write_returns for error in errors if error])
+
+
+def write_shard(plan: ShardPlanRow, streams: dict[str, Stream], store: Store = Store()) -> str:
+    """Cut one worker's step range out of its rows and write it as Arrow IPC: "" or one line."""
+    try:
+        T, L = plan.seq_len, plan.row_length
+        reader = BlobReader(streams[plan.split], store)
+        rows = range(plan.row_first, plan.row_stop)
+        tokens = np.empty((len(rows), (plan.step_stop - plan.step_first) * T + 1), np.uint8)
+        for i, r in enumerate(rows):
+            reader.read_into(tokens[i], r * L + plan.step_first * T)
+        fs, path = store.fs(plan.url)
+        with open_atomic(fs, path) as f:  # synced: the manifest will vouch for it
+            write_shard_file(f, shard_table(rows, plan.step_first * T, tokens))
+        return ""
+    except Exception as exc:  # noqa: BLE001 - any backend error is reported by the driver
+        return describe_error(plan.url, exc)
+
+
+class ShardSource(Datasource):
+    """A built dataset's shards of one split as a Ray Data read: one read task per shard, each
+    yielding its rows (``row``, ``start``, ``tokens``) with the ``worker`` that trains on them."""
+
+    def __init__(self, manifest: Manifest, split: Split, store: Store):
+        self.manifest, self.split, self.store = manifest, split, store
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+    @property
+    def read_tasks(self) -> int:
+        return len(self.split.shards)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.split.rows * (self.split.row_length + len(self.split.shards))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        T = self.manifest.seq_len
+        return [ReadTask(functools.partial(_read_shard, join(self.manifest.url, shard.path), shard.worker, self.store),
+                         BlockMetadata(num_rows=shard.rows[1] - shard.rows[0],
+                                       size_bytes=(shard.rows[1] - shard.rows[0]) * (shard.steps[1] - shard.steps[0]) * T,
+                                       input_files=[shard.path], exec_stats=None),
+                         per_task_row_limit=per_task_row_limit)
+                for shard in self.split.shards]
+
+
+def _read_shard(url: str, worker: int, store: Store) -> Iterable[pa.Table]:
+    fs, path = store.fs(url)
+    with fs.open(path, "rb") as f:
+        table = pa.ipc.open_file(f).read_all()
+    yield table.append_column("worker", pa.array(np.full(table.num_rows, worker, np.int32)))
+
+
+def open_dataset(url: str, split: str = "train", store: Store = Store()):
+    """The rows of a built dataset's ``split`` as a ``ray.data.Dataset`` (``row``, ``start``,
+    ``tokens``, ``worker``): one record per row and shard, for inspection, statistics and
+    previews.  Training reads its own rows with ``charnn.data.reader.SplitReader`` instead."""
+    from charnn.data.dataset import DatasetError
+
+    manifest = load_manifest(url, store)
+    if split not in manifest.splits:
+        raise DatasetError(f"{url} has no split {split!r}; choose one of {', '.join(manifest.splits)}")
+    return read(ShardSource(manifest, manifest.splits[split], store), StageOptions())

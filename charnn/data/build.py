@@ -33,7 +33,7 @@ from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, l
 from charnn.data.dataset import FORMAT, Manifest, Shard, Split, stream_digest, write_manifest, write_sources
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array, url_keys
-from charnn.data.operators import (TASK_ATTEMPTS, EncodeSource, ShardPlanRow, ShardSink, StageOptions,
+from charnn.data.operators import (EncodeSource, ShardPlanRow, ShardSink, StageOptions,
                                   in_listing_order, read)
 from charnn.storage import StorageError, Store, describe_error, join, redact, redact_urls
 from charnn.data.stream import Stream
@@ -163,7 +163,7 @@ def encode_documents(missing: pa.Table, request: DatasetRequest) -> pa.Table:
 @contextlib.contextmanager
 def _stage(what: str):
     """A Ray Data stage's failure as one line: a task's own charnn error as it is, anything else
-    (a worker that died ``TASK_ATTEMPTS`` times) with what to do."""
+    with what to do."""
     import ray
 
     try:
@@ -173,7 +173,7 @@ def _stage(what: str):
         if isinstance(cause, CharnnError) and type(cause).__module__.startswith("charnn."):
             raise type(cause)(RAY_DATA_RETRY_NOTE.sub("", str(cause))) from None  # already names the fix
         text = " ".join(str(cause).split())[-300:]
-        raise PipelineError(f"{what} failed after {TASK_ATTEMPTS} attempts: {redact(text)}; give the "
+        raise PipelineError(f"{what} failed: {redact(text)}; give the "
                             f"Ray workers more memory, or leave the largest files out") from None
 
 
@@ -305,8 +305,7 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
 
     with _stage(f"writing shards under {url}"):
         ray.data.from_items(plans, override_num_blocks=len(plans)).write_datasink(
-            ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency,
-            ray_remote_args=request.stage.remote_args())
+            ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency)
     return splits
 
 

@@ -4,14 +4,14 @@ built dataset's rows as a ``ray.data.Dataset``.
 Ray Data pays its overhead per task and per block, so each operator works on large units:
 a read task encodes a whole group of documents (``build.encode_groups``: many small files, or
 one large one) and yields one small block of figures; a write task writes whole shards.  No
-document is ever a block or a task of its own.  Tasks are retried by Ray Data when their
-worker dies (out of memory, a lost node), at most ``TASK_ATTEMPTS`` runs; a document that
-cannot be read is a row's ``error``, reported by the driver, never retried.
+document is ever a block or a task of its own.  A task whose worker dies (a lost node, a
+killed process) is retried by Ray Data, which retries system failures and nothing else; a
+document that cannot be read is a row's ``error``, reported by the driver, never retried, and
+any other error of a task (an unreachable ``data.dataset_root``) ends the stage.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -27,75 +27,23 @@ from charnn.data.dataset import Manifest, Split, load_manifest, shard_table, wri
 from charnn.data.stream import BlobReader, Stream
 from charnn.storage import Store, describe_error, join, open_atomic
 
-TASK_ATTEMPTS = 3  # runs of a task at most, when its worker dies (out of memory, a lost node)
 FIGURE_BYTES = 96  # an encoded document's row of figures, about
 
 
 @dataclass(frozen=True)
 class StageOptions:
-    """How the pipeline's operators run: ``concurrency`` (``data.max_concurrency``; None lets
-    Ray Data decide from the cluster's free CPUs) tasks of one CPU each."""
+    """How the pipeline's operators run: at most ``concurrency`` (``data.max_concurrency``; None
+    lets Ray Data decide from the cluster's free CPUs) tasks at once, of one CPU each."""
 
     concurrency: int | None = None
 
-    def remote_args(self) -> dict:
-        # Ray Data retries a task whose worker died for ever by default: a document that makes
-        # its worker run out of memory would do so for ever
-        return {"num_cpus": 1, "max_retries": TASK_ATTEMPTS - 1}
 
-
-def read(source: Datasource, stage: StageOptions):
-    """``ray.data.read_datasource`` with the stage's options.  Ray 2.60 names no parameter for a
-    read's retries and warns that ``ray_remote_args`` goes away in 2.64: quieted here, where the
-    pin to 2.60 is."""
+def read(source, stage: StageOptions):
+    """``ray.data.read_datasource`` of ``source``, one block per read task (Ray Data would
+    otherwise split small outputs to reach its default parallelism)."""
     import ray.data
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", category=DeprecationWarning)
-        # one block per read task: Ray Data would otherwise split small outputs for parallelism
-        return ray.data.read_datasource(source, concurrency=stage.concurrency, ray_remote_args=stage.remote_args(),
-                                        override_num_blocks=source.read_tasks)
-
-
-class EncodeSource(Datasource):
-    """The encode stage as a Ray Data read: one read task per group of documents, which encodes
-    the group into one new cache blob, indexes it, and yields the group's figures (``FIGURES``,
-    ``error``) with each document's ``position`` in the listing (Ray Data keeps no order)."""
-
-    def __init__(self, groups: list[pa.Table], root: str, alphabet: str, store: Store):
-        self.groups, self.root, self.alphabet, self.store = groups, root, alphabet, store
-
-    def get_name(self) -> str:
-        return "EncodeDocuments"
-
-    @property
-    def read_tasks(self) -> int:
-        return len(self.groups)
-
-    def estimate_inmemory_data_size(self) -> int:
-        return sum(group.num_rows for group in self.groups) * FIGURE_BYTES
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
-        tasks, first = [], 0
-        for group in self.groups:
-            read = functools.partial(_encode_task, group, first, self.root, self.alphabet, self.store)
-            meta = BlockMetadata(num_rows=group.num_rows, size_bytes=group.num_rows * FIGURE_BYTES,
-                                 input_files=None, exec_stats=None)
-            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
-            first += group.num_rows
-        return tasks
-
-
-def _encode_task(group: pa.Table, first: int, root: str, alphabet: str, store: Store) -> Iterable[pa.Table]:
-    figures = encode_group(group, root, alphabet, store)
-    yield figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
-
-
-def in_listing_order(blocks: Iterable[pa.Table]) -> pa.Table:
-    """The encode stage's output blocks as one table in the listing's order, ``position`` dropped."""
-    table = pa.concat_tables([b.unify_dictionaries() for b in blocks], promote_options="permissive")
-    return table.take(pc.sort_indices(table.column("position"))).drop_columns(["position"])
+    return ray.data.read_datasource(source, concurrency=stage.concurrency, override_num_blocks=source.read_tasks)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,47 @@ def read(source, stage: StageOptions):
     return ray.data.read_datasource(source, concurrency=stage.concurrency, override_num_blocks=source.read_tasks)
 
 
+class EncodeSource(Datasource):
+    """The encode stage as a Ray Data read: one read task per group of documents, which encodes
+    the group into one new cache blob, indexes it, and yields the group's figures (``FIGURES``,
+    ``error``) with each document's ``position`` in the listing (Ray Data keeps no order)."""
+
+    def __init__(self, groups: list[pa.Table], root: str, alphabet: str, store: Store):
+        self.groups, self.root, self.alphabet, self.store = groups, root, alphabet, store
+
+    def get_name(self) -> str:
+        return "EncodeDocuments"
+
+    @property
+    def read_tasks(self) -> int:
+        return len(self.groups)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(group.num_rows for group in self.groups) * FIGURE_BYTES
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        tasks, first = [], 0
+        for group in self.groups:
+            read = functools.partial(_encode_task, group, first, self.root, self.alphabet, self.store)
+            meta = BlockMetadata(num_rows=group.num_rows, size_bytes=group.num_rows * FIGURE_BYTES,
+                                 input_files=None, exec_stats=None)
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+            first += group.num_rows
+        return tasks
+
+
+def _encode_task(group: pa.Table, first: int, root: str, alphabet: str, store: Store) -> Iterable[pa.Table]:
+    figures = encode_group(group, root, alphabet, store)
+    yield figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
+
+
+def in_listing_order(blocks: Iterable[pa.Table]) -> pa.Table:
+    """The encode stage's output blocks as one table in the listing's order, ``position`` dropped."""
+    table = pa.concat_tables([b.unify_dictionaries() for b in blocks], promote_options="permissive")
+    return table.take(pc.sort_indices(table.column("position"))).drop_columns(["position"])
+
+
 @dataclass(frozen=True)
 class ShardPlanRow:
     """One shard to write: which split, which rows and steps, and where."""

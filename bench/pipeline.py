@@ -1,30 +1,47 @@
-"""Pipeline benchmark: what the Ray Data build costs by bytes and by file count, against a bare
-single-process baseline of the same job.
+"""Pipeline benchmark: the Ray Data build against the plain Ray task build that it replaced
+(``--tasks-rev``, run from a git worktree of that commit) and against a bare single-process
+baseline of the same job, side by side in one run.
 
-    .venv/bin/python bench/pipeline.py                      # every figure below (about 15 minutes)
-    .venv/bin/python bench/pipeline.py --documents 20000    # one corpus: MB/s, files/s, driver RSS
+    .venv/bin/python bench/pipeline.py              # every figure below (about 15 minutes on 2 cores)
+    .venv/bin/python bench/pipeline.py --quick      # the same at small sizes: a smoke run (a few minutes)
+    .venv/bin/python bench/pipeline.py --only c     # one figure
 
-Corpora are the Shakespeare plays (``corpus:shakespeare``) cut into ``--documents`` files of
-equal size in nested directories (1,000 a directory), each starting with its own number so
-that no two are alike.  Every measurement runs in a fresh subprocess, so that its peak RSS is
-its own.  Printed, each with its target:
+Corpora are the Shakespeare plays (``corpus:shakespeare``) cut into files of equal size in nested
+directories (1,000 a directory), each starting with its own number so that no two are alike; they
+are made once under ``--workdir`` (a few minutes, the first time) and reused.  Every measurement
+runs in a fresh subprocess, so that its peak RSS is its own, with every byte on loopback
+(loopback.env); the plain-task engine's in its worktree, as its working directory too (Ray
+workers import ``charnn`` from the driver's).
+Printed, each with its target:
 
-- the same ``--mb`` as 20, 20,000 and 200,000 documents: the whole ``jobs/tokenize_corpus.py`` job
-  (Ray start-up included, as a user runs it) and the build alone, and time(many)/time(few);
-- the driver's peak RSS from 1,000 to 200,000 documents;
-- steady state on many documents (2 KB each): the extra megabytes of a 10x larger corpus over
-  the extra seconds, for the baseline and the Ray pipeline, and their ratio;
-- a rebuild after adding 1% new documents, against the first build.
+(a) ``--mb`` (40 MB) as 20, 20,000 and 200,000 documents: the whole ``jobs/tokenize_corpus.py`` job
+    (Ray start-up included, as a user runs it) and the build alone (Ray up), for Ray Data and for
+    plain tasks: Ray Data / tasks for the job (target <= 1.2) and for the build alone; and Ray
+    Data's job on many documents against few, 20,000/20 and 200,000/20 (target <= 1.5);
+(b) 200 MB in 20 files, the build alone: Ray Data's MB/s against the single-process baseline's
+    (target >= 1.0), beside one core's ``bytes.translate`` (the gorner98 table) over the same
+    200 MB in memory;
+(c) steady state, 200 MB and 1 GB in 20 files: the extra MB over the extra seconds, Ray Data's
+    against the baseline's (target >= 1.0);
+(d) the driver's peak RSS (VmHWM) in the Ray Data build of 40 MB as 200,000 documents against 1,000
+    (target <= 1.5);
+(e) the object store's peak during the Ray Data build of 1 GB (the cluster's usage, polled every
+    0.2 s), against the corpus's size and the store's capacity.
+
+``--quick``: 4 MB as 20 and 2,000 documents (RSS from 200 to 2,000), 20 MB for 200 MB, 60 MB for 1 GB.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +50,22 @@ ROWS, WORKERS, SEQ_LEN = 200, 2, 30
 LOOPBACK = dict(line.split("=", 1) for line in Path(ROOT, "loopback.env").read_text().splitlines()
                 if line[:1].isalpha())
 PER_DIRECTORY = 1000
+POLL_S = 0.2
+MEASURED: dict[tuple, dict] = {}  # (mode, corpus, engine): one measurement, shared by the figures
+
+
+@dataclass(frozen=True)
+class Sizes:
+    mb: float = 40.0  # (a) and (d)
+    counts: tuple = (20, 20_000, 200_000)  # (a): the first is "few"
+    rss: tuple = (1_000, 200_000)  # (d)
+    small_mb: float = 200.0  # (b) and (c)
+    large_mb: float = 1000.0  # (c) and (e)
+    files: int = 20  # (b), (c) and (e)
+
+
+FULL = Sizes()
+QUICK = Sizes(mb=4.0, counts=(20, 2_000), rss=(200, 2_000), small_mb=20.0, large_mb=60.0)
 
 
 def plays() -> bytes:
@@ -43,8 +76,9 @@ def plays() -> bytes:
 
 
 def make_corpus(directory: str, total_bytes: int, documents: int, first: int = 0) -> str:
-    """``documents`` files of about total_bytes/documents bytes each, numbered from ``first``."""
-    stamp = os.path.join(directory, f".built-{total_bytes}-{documents}-{first}")
+    """``documents`` files of about total_bytes/documents bytes each, numbered from ``first``
+    (the plays over again where a document is longer than they are)."""
+    stamp = os.path.join(directory, f".corpus-{total_bytes}-{documents}-{first}")
     if os.path.exists(stamp):
         return directory
     shutil.rmtree(directory, ignore_errors=True)
@@ -54,11 +88,19 @@ def make_corpus(directory: str, total_bytes: int, documents: int, first: int = 0
         if n % PER_DIRECTORY == 0 or n == first:
             os.makedirs(sub, exist_ok=True)
         header = f"Document {n}.\n".encode()
-        start = (n * size) % (len(text) - size)
+        start, left = (n * size) % len(text), max(0, size - len(header))
         with open(os.path.join(sub, f"doc-{n:07d}.txt"), "wb") as f:
-            f.write(header + text[start : start + max(0, size - len(header))])
+            f.write(header)
+            while left:
+                piece = text[start : start + left]
+                f.write(piece)
+                start, left = 0, left - len(piece)
     open(stamp, "w").close()
     return directory
+
+
+def corpus_of(work: str, mb: float, documents: int) -> str:
+    return make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
 
 
 def request(corpus: str, root: str):
@@ -95,50 +137,148 @@ def baseline(corpus: str, root: str) -> dict:
     return {"seconds": time.perf_counter() - started}
 
 
-def pipeline(corpus: str, root: str) -> dict:
-    """The Ray pipeline's build alone, on a Ray that is already up: its two stages, listing and
-    encoding (what the document cache saves) and writing the shards (the whole dataset, always)."""
+def translate(corpus: str, root: str) -> dict:
+    """One core's ``bytes.translate`` with the gorner98 table over the corpus, read into memory first."""
+    from charnn.data.alphabet import _GORNER_TABLE
+
+    texts = [open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(corpus) for f in fs if not f.startswith(".")]
+    started = time.perf_counter()
+    for text in texts:
+        text.translate(_GORNER_TABLE)
+    return {"seconds": time.perf_counter() - started}
+
+
+class StoreWatcher(threading.Thread):
+    """The cluster's object store usage, polled every ``POLL_S`` until ``stop``: its peak, and what
+    was spilled to disk (the raylet's own figures, as ``ray memory --stats-only`` prints them)."""
+
+    def __init__(self):
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        super().__init__(daemon=True)
+        # this cluster's address: with none, Ray would take the newest cluster on the machine
+        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        node = next(node for node in self.state.node_table() if node["Alive"])  # the one node, asked once
+        self.raylet = (node["NodeManagerAddress"], node["NodeManagerPort"])
+        self.done, self.polls, self.peak, self.spilled, self.error = threading.Event(), 0, 0, 0, None
+        self.start()
+
+    def run(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply
+
+        try:
+            while True:
+                stats = get_memory_info_reply(self.state, *self.raylet).store_stats
+                self.peak = max(self.peak, stats.object_store_bytes_used + stats.object_store_bytes_fallback)
+                self.spilled, self.polls = stats.spilled_bytes_total, self.polls + 1
+                if self.done.wait(POLL_S):
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported by stop(), in the parent
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> dict:
+        import ray
+
+        self.done.set()
+        self.join()
+        if self.error:
+            raise SystemExit(f"polling the object store failed: {self.error}")
+        return {"store_peak_mib": self.peak / 2**20, "spilled_mib": self.spilled / 2**20, "polls": self.polls,
+                "store_mib": ray.cluster_resources()["object_store_memory"] / 2**20}
+
+
+def charnn_home() -> str:
+    import charnn
+
+    return os.path.dirname(os.path.dirname(os.path.realpath(charnn.__file__)))
+
+
+def pipeline(corpus: str, root: str, watch: bool = False) -> dict:
+    """The Ray pipeline's build alone, on a Ray that is already up (``watch``: with the object
+    store polled meanwhile), and where the driver and a Ray worker imported ``charnn`` from."""
     import ray
 
     from charnn.data.build import catalogue, write_dataset
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    watcher = StoreWatcher() if watch else None
     started = time.perf_counter()
     documents = catalogue(request(corpus, root))
     catalogued = time.perf_counter()
     write_dataset(request(corpus, root), documents)
     written = time.perf_counter()
+    result = {"seconds": written - started, "catalogue": catalogued - started, "write": written - catalogued,
+              **(watcher.stop() if watcher else {})}
+    result["charnn"] = [charnn_home(), ray.get(ray.remote(charnn_home).remote())]
     ray.shutdown()
-    return {"seconds": written - started, "catalogue": catalogued - started, "write": written - catalogued}
+    return result
 
 
 def child(mode: str, corpus: str, root: str) -> None:
-    if mode != "rebuild":
-        shutil.rmtree(root, ignore_errors=True)
-    result = (baseline if mode == "baseline" else pipeline)(corpus, root)
+    shutil.rmtree(root, ignore_errors=True)
+    if mode in ("pipeline", "store"):
+        result = pipeline(corpus, root, watch=mode == "store")
+    else:
+        result = (baseline if mode == "baseline" else translate)(corpus, root)
     # VmHWM, not ru_maxrss: Linux carries a parent's peak into its child's ru_maxrss
     status = open("/proc/self/status").read()
     result["peak_rss_mb"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
     print(json.dumps(result))
 
 
-def measure(mode: str, corpus: str, root: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, corpus, root], capture_output=True, text=True,
-                         env={**os.environ, **LOOPBACK}, cwd=ROOT)
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def engine_env(engine: str) -> dict:
+    """Where a process runs ``engine``'s code: its checkout first on the path and as the working
+    directory (Ray puts the driver's working directory first on its workers' paths)."""
+    return {**os.environ, **LOOPBACK, "PYTHONPATH": engine}
 
 
-def tokenize_job(corpus: str, root: str) -> float:
-    """Seconds of ``jobs/tokenize_corpus.py`` from a clean dataset root, as a user runs it."""
+def measure(mode: str, corpus: str, work: str, engine: str = ROOT) -> dict:
+    """One measurement in a fresh subprocess, once a run: ``pipeline`` (the build alone), ``store``
+    (the same, with the object store polled), ``baseline`` or ``translate``."""
+    key = (mode, corpus, engine)
+    if key not in MEASURED:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, corpus,
+                              os.path.join(work, "out")], capture_output=True, text=True,
+                             env=engine_env(engine), cwd=engine)
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        homes = result.pop("charnn", [engine])
+        if any(home != os.path.realpath(engine) for home in homes):
+            raise SystemExit(f"{mode} on {engine}: the driver and a worker imported charnn from {homes}")
+        MEASURED[key] = result
+    return MEASURED[key]
+
+
+def tokenize_job(corpus: str, work: str, engine: str = ROOT) -> float:
+    """Seconds of ``engine``'s ``jobs/tokenize_corpus.py`` from a clean dataset root, as a user runs it."""
+    root = os.path.join(work, "out")
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
     subprocess.run([sys.executable, "jobs/tokenize_corpus.py", "--spec", "jobs/specs/shakespeare.yaml",
                     "--set", f"data.sources=[{corpus}]", "--set", f"data.dataset_root={root}",
                     "--set", f"cluster.num_workers={WORKERS}", "--set", f"train.batch_per_worker={ROWS // WORKERS}"],
-                   check=True, capture_output=True, env={**os.environ, **LOOPBACK}, cwd=ROOT)
+                   check=True, capture_output=True, env=engine_env(engine), cwd=engine)
     return time.perf_counter() - started
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", ROOT, *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def tasks_engine(work: str, rev: str) -> str:
+    """A clean git worktree checked out at ``rev`` (the plain-task build): one that exists, else a
+    new one, ``<workdir>/engine-<rev>``."""
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    listed = [block.splitlines() for block in git("worktree", "list", "--porcelain").split("\n\n")]
+    for path in [lines[0].split(" ", 1)[1] for lines in listed if f"HEAD {commit}" in lines]:
+        clean = not git("-C", path, "status", "--porcelain", "--untracked-files=no")
+        if os.path.realpath(path) != os.path.realpath(ROOT) and clean:
+            return path
+    path = os.path.join(os.path.abspath(work), f"engine-{rev}")
+    git("worktree", "add", "--detach", path, commit)
+    return path
 
 
 def size_mb(directory: str) -> float:
@@ -146,66 +286,86 @@ def size_mb(directory: str) -> float:
                if not f.startswith(".")) / 1e6
 
 
-def one(work: str, mb: float, documents: int) -> dict:
-    corpus = make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
-    build = measure("pipeline", corpus, os.path.join(work, "out"))
-    job = tokenize_job(corpus, os.path.join(work, "out"))
-    real = size_mb(corpus)
-    print(f"{documents:>9,} documents, {real:,.0f} MB: build {build['seconds']:6.1f} s ({real / build['seconds']:6.1f} MB/s, "
-          f"{documents / build['seconds']:9,.0f} files/s); tokenize job {job:6.1f} s; driver peak RSS "
-          f"{build['peak_rss_mb']:,.0f} MB", flush=True)
-    return {"build": build["seconds"], "job": job, "rss": build["peak_rss_mb"]}
+def figure_a(work: str, sizes: Sizes, tasks: str) -> None:
+    print(f"(a) plain tasks: {git('-C', tasks, 'log', '-1', '--format=%h %s')[:80]} (in {tasks})", flush=True)
+    runs = {}
+    for n in sizes.counts:
+        corpus = corpus_of(work, sizes.mb, n)
+        data, plain = ({"job": tokenize_job(corpus, work, engine), "build": measure("pipeline", corpus, work, engine)}
+                       for engine in (ROOT, tasks))
+        runs[n] = data
+        print(f"(a) {size_mb(corpus):,.0f} MB as {n:>7,} documents: tokenize job Ray Data {data['job']:6.1f} s, "
+              f"tasks {plain['job']:6.1f} s: {data['job'] / plain['job']:.2f} (target <= 1.2); build alone "
+              f"{data['build']['seconds']:6.1f} s, {plain['build']['seconds']:6.1f} s: "
+              f"{data['build']['seconds'] / plain['build']['seconds']:.2f}", flush=True)
+    few = sizes.counts[0]
+    for n in sizes.counts[1:]:
+        print(f"(a) Ray Data, {n:,} against {few} documents: tokenize job {runs[n]['job'] / runs[few]['job']:.2f} "
+              f"(target <= 1.5); build alone {runs[n]['build']['seconds'] / runs[few]['build']['seconds']:.2f}",
+              flush=True)
 
 
-def steady_state(work: str, doc_bytes: int, small_mb: float, large_mb: float) -> None:
-    corpora = {mb: make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{int(mb * 1e6) // doc_bytes}"), int(mb * 1e6),
-                               int(mb * 1e6) // doc_bytes) for mb in (small_mb, large_mb)}
-    rates = {}
-    for mode in ("baseline", "pipeline"):
-        seconds = {mb: measure(mode, c, os.path.join(work, f"out-{mode}"))["seconds"] for mb, c in corpora.items()}
-        rates[mode] = (size_mb(corpora[large_mb]) - size_mb(corpora[small_mb])) / (seconds[large_mb] - seconds[small_mb])
-        print(f"steady state, {doc_bytes:,}-byte documents, {mode:8}: {seconds[small_mb]:.1f} s on {small_mb:g} MB, "
-              f"{seconds[large_mb]:.1f} s on {large_mb:g} MB: {rates[mode]:.1f} MB/s", flush=True)
-    print(f"steady state ratio, Ray pipeline / baseline: {rates['pipeline'] / rates['baseline']:.2f}  (target >= 1.0)")
+def figure_b(work: str, sizes: Sizes) -> None:
+    corpus = corpus_of(work, sizes.small_mb, sizes.files)
+    mb = size_mb(corpus)
+    data, bare, table = (measure(mode, corpus, work)["seconds"] for mode in ("pipeline", "baseline", "translate"))
+    print(f"(b) {mb:,.0f} MB in {sizes.files} files, build alone: Ray Data {data:.1f} s ({mb / data:.1f} MB/s), "
+          f"baseline {bare:.1f} s ({mb / bare:.1f} MB/s): {bare / data:.2f} (target >= 1.0); one core's "
+          f"bytes.translate in memory: {mb / table:,.0f} MB/s", flush=True)
 
 
-def rebuild(work: str, mb: float, documents: int) -> None:
-    corpus = make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
-    root = os.path.join(work, "out-rebuild")
-    first = measure("pipeline", corpus, root)
-    added = make_corpus(os.path.join(corpus, "added"), int(mb * 1e6) // 100, documents // 100, first=documents)
-    try:
-        again = measure("rebuild", corpus, root)
-    finally:
-        shutil.rmtree(added)
-    print(f"rebuild after adding 1% ({documents // 100:,} documents) to {documents:,}: {again['seconds']:.1f} s "
-          f"against {first['seconds']:.1f} s for the first build: {again['seconds'] / first['seconds']:.2f}  "
-          f"(target <= 0.10)\n  listing and encoding {again['catalogue']:.1f} s against {first['catalogue']:.1f} s: "
-          f"{again['catalogue'] / first['catalogue']:.2f}; writing every shard anew {again['write']:.1f} s against "
-          f"{first['write']:.1f} s", flush=True)
+def figure_c(work: str, sizes: Sizes) -> None:
+    small, large = (corpus_of(work, mb, sizes.files) for mb in (sizes.small_mb, sizes.large_mb))
+    extra, rates = size_mb(large) - size_mb(small), {}
+    for mode, label in (("pipeline", "Ray Data"), ("baseline", "baseline")):
+        before, after = (measure(mode, corpus, work)["seconds"] for corpus in (small, large))
+        rates[mode] = extra / max(after - before, 1e-3)
+        print(f"(c) steady state, {label:8}: {before:.1f} s on {sizes.small_mb:g} MB, {after:.1f} s on "
+              f"{sizes.large_mb:g} MB: {rates[mode]:.1f} MB/s", flush=True)
+    print(f"(c) steady state, Ray Data / baseline: {rates['pipeline'] / rates['baseline']:.2f}  (target >= 1.0)",
+          flush=True)
+
+
+def figure_d(work: str, sizes: Sizes) -> None:
+    few, many = sizes.rss
+    rss = {n: measure("pipeline", corpus_of(work, sizes.mb, n), work)["peak_rss_mb"] for n in sizes.rss}
+    print(f"(d) driver peak RSS, Ray Data build of {sizes.mb:g} MB: {rss[few]:,.0f} MB as {few:,} documents, "
+          f"{rss[many]:,.0f} MB as {many:,}: {rss[many] / rss[few]:.2f}  (target <= 1.5)", flush=True)
+
+
+def figure_e(work: str, sizes: Sizes) -> None:
+    corpus = corpus_of(work, sizes.large_mb, sizes.files)
+    run, corpus_mib = measure("store", corpus, work), size_mb(corpus) * 1e6 / 2**20
+    peak, capacity = run["store_peak_mib"], run["store_mib"]
+    print(f"(e) object store peak, Ray Data build of {corpus_mib:,.0f} MiB in {sizes.files} files "
+          f"({run['seconds']:.1f} s, {run['polls']} polls): {peak:,.2f} MiB, {peak / corpus_mib:.2%} of the corpus "
+          f"and {peak / capacity:.2%} of the store's {capacity:,.0f} MiB; {run['spilled_mib']:,.0f} MiB spilled",
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--documents", type=int, help="measure one corpus of this many documents")
-    parser.add_argument("--mb", type=float, default=40.0, help="corpus size for the file-count comparison")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
+    parser.add_argument("--only", choices="abcde", help="run one figure")
+    parser.add_argument("--mb", type=float, help="corpus size for (a) and (d) (default 40, 4 with --quick)")
+    parser.add_argument("--tasks-rev", default="2eded07", help="the commit of the plain-task build, for (a)")
     parser.add_argument("--workdir", default="/tmp/charnn-bench")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    sizes = QUICK if args.quick else FULL
+    sizes = dataclasses.replace(sizes, mb=args.mb or sizes.mb)
+    work = os.path.abspath(args.workdir)
+    os.makedirs(work, exist_ok=True)
     print(f"{os.cpu_count()} cores; R={ROWS} T={SEQ_LEN} W={WORKERS}", flush=True)
-    if args.documents:
-        one(args.workdir, args.mb, args.documents)
-        return
-    runs = {n: one(args.workdir, args.mb, n) for n in (20, 1_000, 20_000, 200_000)}
-    for n in (20_000, 200_000):
-        print(f"{args.mb:g} MB as {n:,} against 20 documents: build {runs[n]['build'] / runs[20]['build']:.2f}, "
-              f"tokenize job {runs[n]['job'] / runs[20]['job']:.2f}  (target <= {1.5 if n == 20_000 else 2})")
-    print(f"driver peak RSS, 200,000 against 1,000 documents: {runs[200_000]['rss'] / runs[1_000]['rss']:.2f}  "
-          f"(target <= 1.5)")
-    steady_state(args.workdir, 2_000, 20, 200)
-    rebuild(args.workdir, 200, 100_000)
+    started = time.perf_counter()
+    figures = {"a": lambda: figure_a(work, sizes, tasks_engine(work, args.tasks_rev)),
+               "b": lambda: figure_b(work, sizes), "c": lambda: figure_c(work, sizes),
+               "d": lambda: figure_d(work, sizes), "e": lambda: figure_e(work, sizes)}
+    for name in args.only or "abcde":
+        figures[name]()
+    print(f"{time.perf_counter() - started:.0f} s in all", flush=True)
 
 
 if __name__ == "__main__":

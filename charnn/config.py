@@ -203,7 +203,8 @@ def _show(v: Any) -> str:
 
 
 _TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str",
-               Optional[str]: "a str or null", list[str]: "a str or a list of str"}
+               Optional[str]: "a str or null", Optional[int]: "an int or null",
+               list[str]: "a str or a list of str"}
 _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
            "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
 

@@ -34,7 +34,7 @@ from charnn.data.dataset import FORMAT, Manifest, Shard, Split, stream_digest, w
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array, url_keys
 from charnn.data.operators import (EncodeSource, ShardPlanRow, ShardSink, StageOptions,
-                                  in_listing_order, read)
+                                  in_listing_order, read, unreserved)
 from charnn.storage import StorageError, Store, describe_error, join, redact, redact_urls
 from charnn.data.stream import Stream
 
@@ -304,7 +304,7 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
         commit(splits)
 
     with _stage(f"writing shards under {url}"):
-        ray.data.from_items(plans, override_num_blocks=len(plans)).write_datasink(
+        unreserved(ray.data.from_items(plans, override_num_blocks=len(plans))).write_datasink(
             ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency)
     return splits
 

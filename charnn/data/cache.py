@@ -329,7 +329,7 @@ class _Counted:
 
 
 def encode_group(group: pa.Table, root: str, alphabet: str, store: Store = Store()) -> pa.Table:
-    """Ray task: encode a group of listed documents into one new blob and index it.
+    """One read task of the encode stage: encode a group of listed documents into one new blob and index it.
 
     Returns one row of figures per document (identity, blob, offset, tokens, unknown, error); a
     document that cannot be read is an ``error`` (one line), not an exception, so that the

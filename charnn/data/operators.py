@@ -11,7 +11,6 @@ any other error of a task (an unreachable ``data.dataset_root``) ends the stage.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -75,9 +74,12 @@ class EncodeSource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
+        import ray
+
         tasks, first = [], 0
         for group in self.groups:
-            read = functools.partial(_encode_task, group, first, self.root, self.alphabet, self.store)
+            # the group goes through the object store: a read task itself stays a few hundred bytes
+            read = _encode_task(ray.put(group), first, self.root, self.alphabet, self.store)
             meta = BlockMetadata(num_rows=group.num_rows, size_bytes=group.num_rows * FIGURE_BYTES,
                                  input_files=None, exec_stats=None)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
@@ -85,9 +87,15 @@ class EncodeSource(Datasource):
         return tasks
 
 
-def _encode_task(group: pa.Table, first: int, root: str, alphabet: str, store: Store) -> Iterable[pa.Table]:
-    figures = encode_group(group, root, alphabet, store)
-    yield figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
+def _encode_task(group_ref, first: int, root: str, alphabet: str, store: Store):
+    def encode_documents() -> Iterable[pa.Table]:
+        import ray
+
+        group = ray.get(group_ref)
+        figures = encode_group(group, root, alphabet, store)
+        yield figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
+
+    return encode_documents
 
 
 def in_listing_order(blocks: Iterable[pa.Table]) -> pa.Table:
@@ -176,7 +184,7 @@ class ShardSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         T = self.manifest.seq_len
-        return [ReadTask(functools.partial(_read_shard, join(self.manifest.url, shard.path), shard.worker, self.store),
+        return [ReadTask(_shard_task(join(self.manifest.url, shard.path), shard.worker, self.store),
                          BlockMetadata(num_rows=shard.rows[1] - shard.rows[0],
                                        size_bytes=(shard.rows[1] - shard.rows[0]) * (shard.steps[1] - shard.steps[0]) * T,
                                        input_files=[shard.path], exec_stats=None),
@@ -184,11 +192,14 @@ class ShardSource(Datasource):
                 for shard in self.split.shards]
 
 
-def _read_shard(url: str, worker: int, store: Store) -> Iterable[pa.Table]:
-    fs, path = store.fs(url)
-    with fs.open(path, "rb") as f:
-        table = pa.ipc.open_file(f).read_all()
-    yield table.append_column("worker", pa.array(np.full(table.num_rows, worker, np.int32)))
+def _shard_task(url: str, worker: int, store: Store):
+    def read_shard() -> Iterable[pa.Table]:
+        fs, path = store.fs(url)
+        with fs.open(path, "rb") as f:
+            table = pa.ipc.open_file(f).read_all()
+        yield table.append_column("worker", pa.array(np.full(table.num_rows, worker, np.int32)))
+
+    return read_shard
 
 
 def open_dataset(url: str, split: str = "train", store: Store = Store()):

@@ -30,6 +30,7 @@ from charnn.config import SpecError, load_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.cache import cache_url
 from charnn.data.dataset import DatasetError, load_manifest
+from charnn.storage import Store
 
 pytestmark = pytest.mark.ray
 SMOKE = str(REPO / "jobs" / "specs" / "smoke.yaml")
@@ -286,3 +287,21 @@ def test_data_max_concurrency_not_an_int_is_refused_naming_an_int():
     with pytest.raises(SpecError) as info:
         load_spec(SMOKE, ["data.max_concurrency=1.5"])
     assert "data.max_concurrency must be an int" in str(info.value) and "got float 1.5" in str(info.value)
+
+
+# --- the encode stage's read tasks ----------------------------------------------------------------
+
+def test_a_read_task_stays_small_however_many_documents_its_group_holds(ray_local):
+    """A group of 200,000 small documents pickled into its read function is megabytes, which Ray
+    Data warns about (and its warning broke on a read function without ``__name__``): the group
+    goes through the object store and the read task stays small."""
+    from ray import cloudpickle
+
+    from charnn.data.operators import EncodeSource
+
+    count = 200_000
+    group = pa.table({"url": [f"/corpus/d{n // 1000:05d}/doc-{n:07d}.txt" for n in range(count)],
+                      "size": pa.array(np.full(count, 200), pa.int64()), "version": [f"mtime_ns:{n}" for n in range(count)]})
+    (task,) = EncodeSource([group], "/nowhere", "gorner98", Store()).get_read_tasks(1)
+    assert len(cloudpickle.dumps(task.read_fn)) < 64 * 2**10
+    assert task.read_fn.__name__ and task.metadata.num_rows == count

@@ -16,7 +16,6 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.ipc
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
@@ -61,6 +60,7 @@ class EncodeSource(Datasource):
 
     def __init__(self, groups: list[pa.Table], root: str, alphabet: str, store: Store):
         self.groups, self.root, self.alphabet, self.store = groups, root, alphabet, store
+        self.refs = None
 
     def get_name(self) -> str:
         return "EncodeDocuments"
@@ -76,10 +76,12 @@ class EncodeSource(Datasource):
                        data_context=None) -> list[ReadTask]:
         import ray
 
+        if self.refs is None:  # Ray Data asks for the read tasks several times: each group is put once
+            # a group goes through the object store: a read task itself stays a few hundred bytes
+            self.refs = [ray.put(group) for group in self.groups]
         tasks, first = [], 0
-        for group in self.groups:
-            # the group goes through the object store: a read task itself stays a few hundred bytes
-            read = _encode_task(ray.put(group), first, self.root, self.alphabet, self.store)
+        for group, ref in zip(self.groups, self.refs):
+            read = _encode_task(ref, first, self.root, self.alphabet, self.store)
             meta = BlockMetadata(num_rows=group.num_rows, size_bytes=group.num_rows * FIGURE_BYTES,
                                  input_files=None, exec_stats=None)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
@@ -99,9 +101,15 @@ def _encode_task(group_ref, first: int, root: str, alphabet: str, store: Store):
 
 
 def in_listing_order(blocks: Iterable[pa.Table]) -> pa.Table:
-    """The encode stage's output blocks as one table in the listing's order, ``position`` dropped."""
-    table = pa.concat_tables([b.unify_dictionaries() for b in blocks], promote_options="permissive")
-    return table.take(pc.sort_indices(table.column("position"))).drop_columns(["position"])
+    """The encode stage's output blocks as one table in the listing's order, ``position`` dropped.
+
+    Each block is a run of consecutive positions (a group, or a piece of one), so ordering the
+    blocks orders the rows, without a copy of the table."""
+    ordered = sorted((b for b in blocks if b.num_rows), key=lambda b: b.column("position")[0].as_py())
+    table = pa.concat_tables(ordered, promote_options="permissive")
+    if not np.array_equal(table.column("position").to_numpy(), np.arange(table.num_rows)):
+        raise RuntimeError("the encode stage's blocks are not runs of consecutive documents")
+    return table.drop_columns(["position"])
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ def _stage(what: str):
     """A Ray Data stage's failure as one line: a task's own charnn error as it is, anything else
     with what to do."""
     import ray
+    import ray.data
 
     try:
         yield
@@ -289,6 +290,7 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
                   url: str, commit) -> dict[str, Split]:
     """Every shard, written by Ray Data's write of ``ShardSink``; ``commit`` runs once all are whole."""
     import ray.data
+    from ray.util.debug import log_once
 
     splits, plans = {}, []
     for split, layout in layouts.items():
@@ -303,6 +305,9 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
         _raise_first_error(errors, f"writing shards under {url} failed")
         commit(splits)
 
+    # Ray Data warns, once per process, that "the Dataset job will hang" when Ray reports no free
+    # CPU as a write ends, which it does just after the write's own tasks: a false alarm here
+    log_once("cpu_warning")
     with _stage(f"writing shards under {url}"):
         unreserved(ray.data.from_items(plans, override_num_blocks=len(plans))).write_datasink(
             ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency)

@@ -301,7 +301,8 @@ def test_a_read_task_stays_small_however_many_documents_its_group_holds(ray_loca
 
     count = 200_000
     group = pa.table({"url": [f"/corpus/d{n // 1000:05d}/doc-{n:07d}.txt" for n in range(count)],
-                      "size": pa.array(np.full(count, 200), pa.int64()), "version": [f"mtime_ns:{n}" for n in range(count)]})
+                      "size": pa.array(np.full(count, 200), pa.int64()),
+                      "version": [f"mtime_ns:{n}" for n in range(count)]})
     (task,) = EncodeSource([group], "/nowhere", "gorner98", Store()).get_read_tasks(1)
     assert len(cloudpickle.dumps(task.read_fn)) < 64 * 2**10
     assert task.read_fn.__name__ and task.metadata.num_rows == count

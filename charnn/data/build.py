@@ -184,7 +184,8 @@ def catalogue(request: DatasetRequest) -> pa.Table:
     # bytes a document: 13 MB of the driver's peak at 200,000 documents)
     found = listed_documents(request).drop_columns(["url_key"])
     missing = pc.is_null(found.column("identity"))
-    encoded = encode_documents(found.select(["url", "size", "version"]).filter(missing), request)  # not a copy of every column
+    # only the columns the encode tasks need, not a copy of every column
+    encoded = encode_documents(found.select(["url", "size", "version"]).filter(missing), request)
     _raise_first_error(pc.drop_null(encoded.column("error")).to_pylist(), "reading the sources failed")
     found = found.drop_columns(["version"])
     for name in FIGURES:

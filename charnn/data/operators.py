@@ -193,8 +193,8 @@ class ShardSource(Datasource):
                        data_context=None) -> list[ReadTask]:
         T = self.manifest.seq_len
         return [ReadTask(_shard_task(join(self.manifest.url, shard.path), shard.worker, self.store),
-                         BlockMetadata(num_rows=shard.rows[1] - shard.rows[0],
-                                       size_bytes=(shard.rows[1] - shard.rows[0]) * (shard.steps[1] - shard.steps[0]) * T,
+                         BlockMetadata(num_rows=(rows := shard.rows[1] - shard.rows[0]),
+                                       size_bytes=rows * (shard.steps[1] - shard.steps[0]) * T,
                                        input_files=[shard.path], exec_stats=None),
                          per_task_row_limit=per_task_row_limit)
                 for shard in self.split.shards]

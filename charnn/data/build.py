@@ -148,7 +148,6 @@ def encode_groups(documents: pa.Table, cpus: int) -> list[pa.Table]:
 def encode_documents(missing: pa.Table, request: DatasetRequest) -> pa.Table:
     """The figures of every ``missing`` document, in its order: Ray Data's read of ``EncodeSource``."""
     import ray
-    import ray.data
 
     if missing.num_rows == 0:
         return RESULT.empty_table().select([*FIGURES, "error"])

@@ -21,7 +21,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from charnn.data.cache import encode_group
-from charnn.data.dataset import Manifest, Split, load_manifest, shard_table, write_shard_file
+from charnn.data.dataset import DatasetError, Manifest, Split, load_manifest, shard_table, write_shard_file
 from charnn.data.stream import BlobReader, Stream
 from charnn.storage import Store, describe_error, join, open_atomic
 
@@ -155,7 +155,7 @@ class ShardSink(Datasink):
         self.commit([error for errors in write_result.write_returns for error in errors if error])
 
 
-def write_shard(plan: ShardPlanRow, streams: dict[str, Stream], store: Store = Store()) -> str:
+def write_shard(plan: ShardPlanRow, streams: dict[str, Stream], store: Store) -> str:
     """Cut one worker's step range out of its rows and write it as Arrow IPC: "" or one line."""
     try:
         T, L = plan.seq_len, plan.row_length
@@ -214,8 +214,6 @@ def open_dataset(url: str, split: str = "train", store: Store = Store()):
     """The rows of a built dataset's ``split`` as a ``ray.data.Dataset`` (``row``, ``start``,
     ``tokens``, ``worker``): one record per row and shard, for inspection, statistics and
     previews.  Training reads its own rows with ``charnn.data.reader.SplitReader`` instead."""
-    from charnn.data.dataset import DatasetError
-
     manifest = load_manifest(url, store)
     if split not in manifest.splits:
         raise DatasetError(f"{url} has no split {split!r}; choose one of {', '.join(manifest.splits)}")

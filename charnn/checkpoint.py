@@ -272,7 +272,7 @@ def load_model(url: str, store: Store = Store()) -> tuple[CharGRU, dict]:
 # What a resumed run must share with the run it resumes, besides the model's shape and alphabet
 # and the data stream; everything else (steps, cadences, workers, storage) may change.
 RESUME_SETTINGS = ("model.dropout", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
-                   "train.grad_clip", "train.epoch_state", "train.seed")
+                   "train.grad_clip", "train.epoch_state", "train.seed", "train.first_step")
 
 
 def resume_settings(spec) -> dict:

@@ -111,6 +111,9 @@ class TrainConfig:
     sample_length: StrictInt = Field(200, gt=0)
     num_to_keep: StrictInt = Field(3, gt=0)
     minutes: StrictFloat = Field(0.0, ge=0)  # > 0: train this long (the training clock) instead of train.steps
+    # the train split's step a run reads first; it reads on to the split's end, then round from step 0
+    # (the next epoch).  A retrain's candidate starts at the dataset's new segments (charnn.cli.retrain)
+    first_step: StrictInt = Field(0, ge=0)
 
 
 @dataclass(config=_SECTION)
@@ -140,6 +143,10 @@ class RetrainConfig:
     steps: StrictInt = Field(500, gt=0)  # fine-tuning steps from the published model
     min_improvement: StrictFloat = Field(0.0, ge=0)  # nats/char the candidate must gain on validation
     lease_minutes: StrictFloat = Field(30.0, gt=0)  # a writer that dies blocks others this long at most
+    # the share of the fine-tune's steps that reads older text after the new segments (replay)
+    replay: StrictFloat = Field(0.25, ge=0, lt=1)
+    keep_versions: StrictInt = Field(3, gt=0)  # published model versions kept by charnn-gc, the published one among them
+    keep_rounds: StrictInt = Field(3, gt=0)  # candidate runs and rejected records of this many rounds kept
 
 
 @dataclass(config=_SECTION)

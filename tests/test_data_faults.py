@@ -108,7 +108,7 @@ def test_a_keep_splits_table_that_cannot_be_read_is_one_line(tmp_path):
 def manifest_at(url: str):
     from charnn.data.dataset import Manifest
 
-    return Manifest("gorner98", 98, 8, 2, "r", 0.25, 1, {}, url=url)
+    return Manifest("gorner98", 98, 8, 2, "r", 0.25, 1, {}, format="charnn.rows/2", url=url)
 
 
 def test_a_damaged_sources_table_is_one_line_that_says_to_rebuild(tmp_path):

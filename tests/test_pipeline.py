@@ -55,7 +55,8 @@ def verify_rows(url, storage=Store(), read=None):
 
 def test_dataset_rows_are_the_split_streams_laid_out(ray_local, tmp_path, corpus):
     manifest = verify_rows(build_dataset(request(tmp_path, [corpus], shard_mb=1)))
-    assert manifest.format == "charnn.rows/2" and manifest.alphabet == "gorner98"
+    assert manifest.format == "charnn.rows/3" and manifest.alphabet == "gorner98"
+    assert manifest.version == 1 and len(manifest.segments) == 1 and manifest.waiting == 0
 
 
 def test_thousands_of_tiny_documents_lay_out_as_a_few_do(ray_local, tmp_path):
@@ -84,7 +85,7 @@ def test_rebuild_reuses_the_dataset_and_cached_documents(ray_local, tmp_path, co
     write_corpus(corpus, documents=1, lines=50, seed=9, prefix="added")
     capfd.readouterr()
     second = build_dataset(request(tmp_path, [corpus]))
-    assert second != first
+    assert second != first and second.rsplit("/", 1)[0] == first.rsplit("/", 1)[0]  # a new version beside it
     assert "9 documents (8 reused from cache)" in capfd.readouterr().err
 
 
@@ -92,9 +93,12 @@ def test_manifest_is_written_last_and_shards_hold_their_rows(ray_local, tmp_path
     url = build_dataset(request(tmp_path, [corpus]))
     manifest = json.loads(open(f"{url}/manifest.json").read())
     assert manifest["sources"] == {"path": "sources.parquet", "count": 8}
+    (segment,) = manifest["segments"]
+    directory = url.rsplit("/versions/", 1)[0]
+    assert json.loads(open(f"{directory}/segments/{segment['id']}/segment.json").read())["documents"] == 8
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
-            assert shard["path"].startswith(split)
+            assert shard["path"].startswith(f"segments/{segment['id']}/{split}")
             assert shard["rows"] == [shard["worker"] * 2, shard["worker"] * 2 + 2]
 
 
@@ -120,7 +124,7 @@ def test_bad_input_is_one_clear_error_and_writes_no_dataset(ray_local, tmp_path,
     with pytest.raises((PipelineError, StorageError), match=message) as info:
         build_dataset(request(tmp_path, [source], **kwargs))
     assert "\n" not in str(info.value)
-    assert not list((tmp_path / "datasets").glob("*/manifest.json"))
+    assert not list((tmp_path / "datasets").glob("*/versions/*/manifest.json"))
 
 
 def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_path):
@@ -145,18 +149,18 @@ def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_pa
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tokenize_corpus.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "datasets").glob("*/*.arrow")):
+    while not list((tmp_path / "datasets").glob("*/segments/*/*.arrow")):
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before writing shards"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     (partial,) = [d for d in (tmp_path / "datasets").glob("*/") if d.name != "documents"]
-    assert not (partial / "manifest.json").exists()
+    assert not list(partial.glob("versions/*/manifest.json")) and not list(partial.glob("segments/*/segment.json"))
     with pytest.raises(Exception, match="no manifest.json"):
         load_manifest(str(partial))
 
     _, result = run_job("tokenize_corpus.py", *args)
-    assert result["dataset"] == str(partial)
+    assert result["dataset"] == str(partial / "versions" / "v000001")
     assert result["train_tokens"] + result["val_tokens"] == 4 * (10_000_000 // len(block)) * len(block)
 
 

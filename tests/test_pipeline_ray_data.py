@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from support.env import REPO
@@ -152,7 +151,10 @@ def blobs_of(dataset_root: Path) -> Path:
 
 
 def digests(url: str) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(url).glob("*.arrow"))}
+    """SHA-256 of every file of a dataset version's segments (shards, sources.parquet, segment.json)."""
+    directory = Path(url).parent.parent
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.glob("segments/*/*"))}
 
 
 def cache_files(dataset_root: Path, folder: str) -> list[str]:
@@ -193,10 +195,8 @@ def test_an_encode_worker_killed_mid_build_is_retried_and_the_dataset_is_the_und
     assert Path(killed_url).name == Path(undisturbed_url).name
     assert load_manifest(killed_url) == load_manifest(undisturbed_url)
     assert Path(killed_url, "manifest.json").read_bytes() == Path(undisturbed_url, "manifest.json").read_bytes()
-    shards = digests(killed_url)
-    assert len(shards) > 2 and shards == digests(undisturbed_url)
-    assert pq.read_table(Path(killed_url, "sources.parquet")).equals(pq.read_table(Path(undisturbed_url,
-                                                                                        "sources.parquet")))
+    files = digests(killed_url)  # shards, sources.parquet and segment.json
+    assert len([f for f in files if f.endswith(".arrow")]) > 2 and files == digests(undisturbed_url)
     record_property("fault", {"fault": "SIGKILL an encode task's worker mid-build (Ray Data)", "injected": 1,
                               "recoveries": 1, "steps recomputed": "1 encode task",
                               "final loss vs uninterrupted": "dataset byte-identical"})

@@ -72,21 +72,38 @@ def test_round_2_without_new_files_skips_without_training(world):
     assert "charnn: step" not in logs and "charnn.pipeline" not in logs
 
 
-def test_round_3_tokenises_only_new_files_and_promotes_a_better_model(world):
-    add_documents(world, 2, seed=3)
+def objects(world, prefix: str) -> dict[str, str]:
+    """{key: ETag} of every object under ``prefix`` in the world's bucket."""
+    pages = world["moto"].client().get_paginator("list_objects_v2").paginate(Bucket=world["bucket"], Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_round_3_writes_only_the_new_segment_reads_all_of_it_and_promotes_a_better_model(world):
+    before = objects(world, "datasets/")
+    add_documents(world, 1, seed=3)  # training text (its key hashes above data.val_fraction)
     status, logs, result = retrain(world)
     assert status == 0, logs[-3000:]
-    assert (result["new_documents"], result["reused_documents"]) == (2, 6)
-    assert "8 documents (6 reused from cache)" in logs  # only the two new ones were tokenised
-    assert "charnn: step 30/30" in logs  # retrain.steps from the published weights
+    assert (result["new_documents"], result["reused_documents"]) == (1, 6)
+    assert "7 documents (6 reused from cache)" in logs  # only the new one was tokenised
+    # the new document's segment, the new version, and the cache entry of the new document: nothing else
+    after = objects(world, "datasets/")
+    assert {k: after[k] for k in before} == before  # nothing rewritten
+    written = sorted(set(after) - set(before))
+    segments = {k.split("/segments/")[1].split("/")[0] for k in written if "/segments/" in k}
+    assert len(segments) == 1 and [k for k in written if k.endswith("manifest.json")] == \
+        [k for k in written if "/versions/v000002/" in k]
+    assert all("/segments/" in k or "/versions/v000002/" in k or "/documents/" in k for k in written)
+    # the fine-tune read every token the new segment lays out, then replayed older text
+    assert 0 < result["new_tokens"] == result["new_tokens_seen"]
     assert result["candidate_val_loss"] < result["incumbent_val_loss"]
     assert result["action"] == "promoted" and result["model_version"] == "v0002" == published(world)
     info = world["registry"].version("v0002").info
-    assert info["incumbent"]["version"] == "v0001" and info["dataset"]["documents"] == 8
-    assert len(world["registry"].version("v0002").sources()) == 8
+    assert info["incumbent"]["version"] == "v0001" and info["dataset"]["documents"] == 7
+    assert info["dataset"]["url"].endswith("/versions/v000002")
+    assert len(world["registry"].version("v0002").sources()) == 7
     # N-9: every document the incumbent knew kept its split (the comparison is never on text it trained on)
     before, after = (splits_of(world, version) for version in ("v0001", "v0002"))
-    assert {key: after[key] for key in before} == before and len(after) == 8
+    assert {key: after[key] for key in before} == before and len(after) == 7
 
 
 def splits_of(world, version: str) -> dict[str, str]:
@@ -109,7 +126,7 @@ def test_generate_uses_the_published_model(world):
 
 
 def test_two_jobs_started_together_one_runs_and_rejects_a_candidate_that_does_not_gain_enough(world):
-    add_documents(world, 1, seed=5)
+    add_documents(world, 3, seed=5)  # two of them validation text, one training text
     before = world["registry"].versions()
     cluster = world["cluster"]
     ids = [f"charnn-race-{uuid.uuid4().hex[:8]}" for _ in range(2)]
@@ -127,7 +144,7 @@ def test_two_jobs_started_together_one_runs_and_rejects_a_candidate_that_does_no
         and "charnn: busy: " in busy[0] and sorted(codes) == [0, 1]
     (result,) = ran
     assert result["action"] == "rejected" and result["model_version"] == "v0002" == published(world)
-    assert (result["new_documents"], result["reused_documents"]) == (1, 8)
+    assert (result["new_documents"], result["reused_documents"]) == (3, 7)
     assert world["registry"].versions() == before
     record = json.loads(world["registry"].fs.cat_file(result["rejected"].split("://", 1)[1]))
     assert record["metrics"]["val_loss"] == pytest.approx(result["candidate_val_loss"])
@@ -139,7 +156,8 @@ def test_a_retrain_stopped_mid_training_leaves_the_published_model_intact(world)
     before = published(world)
     cluster = world["cluster"]
     job = f"charnn-stop-{uuid.uuid4().hex[:8]}"
-    subprocess.run(cluster.job_command(job, "retrain.py", *world["args"], "--set", "retrain.steps=100000",
+    # a time budget: the fine-tune would otherwise end once it has read the new text and some older
+    subprocess.run(cluster.job_command(job, "retrain.py", *world["args"], "--set", "train.minutes=10",
                                        "--set", "retrain.lease_minutes=0.25", wait=False),
                    env=cluster.env, check=True, capture_output=True, timeout=120)
     deadline = time.time() + 300

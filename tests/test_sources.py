@@ -2,6 +2,7 @@
 listed, what is left out and said so in one line, and what is an error."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -385,14 +386,16 @@ def test_a_keep_splits_table_keeps_the_published_splits_through_listed_documents
     assert listed(str(tmp_path / "published.parquet")) == {only: "both", added: "train"}
 
 
-def test_the_dataset_key_changes_with_a_documents_split():
-    from charnn.data.build import DatasetRequest, dataset_key
+def test_the_segment_id_changes_with_a_documents_split_but_not_with_the_workers():
+    from charnn.data.build import DatasetRequest, segment_id
 
     request = DatasetRequest(["/c"], "gorner98", 4, 2, 1, 0.5, 64, "/ds")
-    documents = pa.table({"url": ["/c/a.txt", "/c/b.txt"], "identity": ["sha256:a", "sha256:b"],
-                          "split": ["train", "val"]})
+    documents = pa.table({"url_key": ["ka", "kb"], "identity": ["sha256:a", "sha256:b"], "split": ["train", "val"]})
     swapped = documents.set_column(2, "split", pa.array(["val", "train"]))
-    assert dataset_key(request, documents) != dataset_key(request, swapped)
+    assert segment_id(request, 2, documents) != segment_id(request, 2, swapped)
+    assert segment_id(request, 2, documents) != segment_id(request, 1, documents)
+    moved = dataclasses.replace(request, workers=2, dataset_root="s3://b/ds")
+    assert segment_id(request, 2, documents) == segment_id(moved, 2, documents)
 
 
 # ---------------------------------------------------------------------------------------------

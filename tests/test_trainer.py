@@ -39,7 +39,7 @@ def train(root, name: str, *overrides: str):
 
 
 def dataset_url(root) -> str:
-    (manifest,) = (root / "datasets").glob("*/manifest.json")
+    (manifest,) = (root / "datasets").glob("*/versions/*/manifest.json")
     return str(manifest.parent)
 
 

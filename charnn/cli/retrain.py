@@ -6,15 +6,20 @@ infra/local-schedule.sh).  It connects to Ray first, then, holding the registry'
      published model in <run.storage>/models/<retrain.model>/; nothing new or changed: "skipped";
   2. rebuild the dataset: only new or changed documents are tokenised, the rest come from the
      document cache, and every document the published model knows keeps its split;
-  3. fine-tune from the published weights for retrain.steps with a fresh optimiser (nothing
-     published yet: the spec's full schedule from scratch);
+  3. fine-tune from the published weights with a fresh optimiser on what is new: the run starts
+     at the dataset's new segments (those holding a new or changed document) and reads them
+     once, then wraps round to the oldest text for a replay share (retrain.replay) of its steps;
+     at most retrain.steps in all, which reads the new text's last steps if it allows no more
+     (nothing published yet: the spec's full schedule from scratch);
   4. evaluate candidate and incumbent on the same, new validation split;
   5. publish the candidate only if its validation loss is finite, below ln |alphabet| (what a
      model that knows nothing scores) and beats the incumbent's by retrain.min_improvement (an
      incumbent whose loss is not finite is beaten by any such candidate), and only in place of
      the incumbent it was compared with; else record it as rejected.
-The last stdout line is JSON with "action": skipped | promoted | rejected.  A second job started
-while one runs exits with status 75 and writes nothing.
+  6. remove what retention no longer keeps (``charnn.retention``, as ``charnn-gc --apply`` does).
+The last stdout line is JSON with "action": skipped | promoted | rejected, and new_tokens (the
+train tokens that the new segments lay out) beside new_tokens_seen (those the fine-tune read).
+A second job started while one runs exits with status 75 and writes nothing.
 """
 
 import dataclasses
@@ -23,11 +28,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
 from charnn.config import Spec, dump_spec
+from charnn.errors import CharnnError
 from charnn.data.alphabet import alphabet_size
 from charnn.data.build import DatasetRequest, build_dataset, listed_documents
 from charnn.data.dataset import load_manifest
@@ -83,12 +91,58 @@ class Candidate:
     info: dict
 
 
-def candidate_spec(spec: Spec, registry: ModelRegistry, warm: bool) -> Spec:
-    """The candidate's own run, beside the registry; a warm start trains retrain.steps."""
+@dataclass(frozen=True)
+class FineTune:
+    """A candidate's reading plan: ``steps`` from the train split's step ``first_step`` on, of which
+    the first ``new_steps_read`` are new text (of ``new_steps``) and the rest, after the wrap to
+    step 0, older text."""
+
+    steps: int
+    first_step: int
+    new_steps: int
+    new_steps_read: int
+
+
+def plan_fine_tune(segment_steps: list[int], is_new: list[bool], max_steps: int, replay: float) -> FineTune:
+    """Read the segments from the first new one to the end once, then ``replay`` of the steps of
+    older text; at most ``max_steps``: then the new text's last steps, and still the replay share."""
+    total = sum(segment_steps)
+    first_new = sum(segment_steps[:is_new.index(True)]) if any(is_new) else total
+    new_steps = total - first_new
+    steps = min(max_steps, math.ceil(new_steps / (1 - replay)))
+    read = min(new_steps, steps - round(replay * steps))
+    return FineTune(steps, (first_new + new_steps - read) % max(total, 1), new_steps, read)
+
+
+def _segments_of(version: Version, store: Store) -> set[str]:
+    """The segments of the dataset a published version was trained on; none if it cannot tell."""
+    try:
+        return {s.id for s in load_manifest(version.info["dataset"]["url"], store).segments}
+    except (CharnnError, KeyError, TypeError):
+        return set()
+
+
+def candidate_spec(spec: Spec, registry: ModelRegistry, plan: FineTune | None) -> Spec:
+    """The candidate's own run, beside the registry; a warm start reads as ``plan`` says."""
     name = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    train = dataclasses.replace(spec.train, steps=spec.retrain.steps) if warm else spec.train
+    train = dataclasses.replace(spec.train, steps=plan.steps, first_step=plan.first_step) if plan else spec.train
     run = dataclasses.replace(spec.run, name=name, storage=join(registry.url, "candidates"))
     return dataclasses.replace(spec, train=train, run=run)
+
+
+def fine_tune_plan(spec: Spec, dataset: str, new: list[str], incumbent: Version) -> FineTune:
+    """``plan_fine_tune`` for the dataset version at ``dataset``: a segment is new if it holds one
+    of the ``new`` documents (their url_keys), or if the incumbent's dataset did not have it (it
+    holds the documents of a segment that a removed document left)."""
+    store = Store.of(spec.storage)
+    manifest = load_manifest(dataset, store)
+    keys = manifest.sources(store).column("url_key")
+    holds_new = pc.is_in(keys, value_set=pa.array(new, pa.string())).to_numpy(zero_copy_only=False)
+    bounds = np.cumsum([0, *(s.documents for s in manifest.segments)])
+    known = _segments_of(incumbent, store)
+    is_new = [bool(holds_new[a:b].any()) or s.id not in known
+              for s, a, b in zip(manifest.segments, bounds, bounds[1:])]
+    return plan_fine_tune([s.train_steps for s in manifest.segments], is_new, spec.retrain.steps, spec.retrain.replay)
 
 
 def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
@@ -100,7 +154,8 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     new, removed = changed_documents(current, incumbent.sources() if incumbent else {})
     result = {"model": spec.retrain.model, "registry": registry.url, "model_version": incumbent and incumbent.name,
               "new_documents": len(new), "reused_documents": len(current) - len(new),
-              "removed_documents": len(removed), "candidate_val_loss": None, "incumbent_val_loss": None}
+              "removed_documents": len(removed), "new_tokens": None, "new_tokens_seen": None,
+              "candidate_val_loss": None, "incumbent_val_loss": None}
     if incumbent and not new and not removed:
         say(f"charnn.retrain: {len(current)} documents, none new or changed since {incumbent.name}; nothing to do")
         return {**result, "action": "skipped"}
@@ -110,7 +165,15 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
         check_compatible(load_payload(incumbent.url, Store.of(spec.storage)), model_shape(spec, spec.data.alphabet),
                          spec.data.alphabet)
     dataset = build_dataset(request)
-    candidate_run = candidate_spec(spec, registry, warm=incumbent is not None)
+    plan = fine_tune_plan(spec, dataset, new, incumbent) if incumbent else None
+    if plan:
+        step_tokens = spec.cluster.num_workers * spec.train.batch_per_worker * spec.data.seq_len
+        result.update(new_tokens=plan.new_steps * step_tokens, new_tokens_seen=plan.new_steps_read * step_tokens)
+    if plan and not plan.new_steps:
+        say(f"charnn.retrain: nothing new to train on in {dataset}: the new documents are validation text, or "
+            f"too few to fill a step of training (they wait for more text)")
+        return {**result, "action": "skipped", "dataset": dataset}
+    candidate_run = candidate_spec(spec, registry, plan)
     candidate_url = fit(candidate_run, dataset, init_from=incumbent.url if incumbent else None)
     ours, theirs = _evaluate(spec, candidate_url, incumbent, dataset)
     result.update(candidate_val_loss=ours["val_loss"], incumbent_val_loss=theirs and theirs["val_loss"],

@@ -12,8 +12,10 @@ def run() -> dict:
     init_ray()
     url = build_dataset(DatasetRequest.from_spec(spec))
     manifest = load_manifest(url, Store.of(spec.storage))
-    return {"dataset": url, "documents": manifest.documents,
-            **{f"{s}_{k}": getattr(manifest.splits[s], k) for s in ("train", "val") for k in ("rows", "row_length", "tokens")}}
+    return {"dataset": url, "version": manifest.version, "segments": len(manifest.segments),
+            "documents": manifest.documents, "waiting_documents": manifest.waiting,
+            **{f"{s}_{k}": getattr(manifest.splits[s], k) for s in ("train", "val")
+               for k in ("rows", "row_length", "tokens")}}
 
 
 def main() -> None:

@@ -30,9 +30,12 @@ import pyarrow.parquet as pq
 from charnn.errors import CharnnError, UserError, root_cause
 from charnn.data.alphabet import alphabet_size
 from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, load_index, lookup
-from charnn.data.dataset import FORMAT, Manifest, Shard, Split, stream_digest, write_manifest, write_sources
+from charnn.data.dataset import (FORMAT, SEGMENT, SEGMENTS, Manifest, SegmentRecord, SegmentRef, Shard, Split,
+                                  content_digest, load_segment, newest_version, stream_digest, version_numbers,
+                                  version_url, write_segment, write_version)
+from charnn.data.segments import document_keys, flatten, plan_growth
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
-from charnn.data.sources import CHUNK_ROWS, SPLIT_RULE, list_documents, split_array, url_keys
+from charnn.data.sources import SPLIT_RULE, list_documents, split_array, url_keys
 from charnn.data.operators import (EncodeSource, ShardPlanRow, ShardSink, StageOptions,
                                   in_listing_order, read, unreserved)
 from charnn.storage import StorageError, Store, describe_error, join, redact, redact_urls
@@ -84,11 +87,17 @@ class DatasetRequest:
         )
 
 
-def listed_documents(request: DatasetRequest) -> pa.Table:
+def listed_documents(request: DatasetRequest, laid_out: pa.Table | None = None) -> pa.Table:
     """The sources' documents (``url``, ``key``, ``size``, ``version``, ``url_key``), each with its
-    split and, if the cache has it, its cache entry."""
+    split and, if the cache has it, its cache entry.  A document keeps the split that
+    ``request.keep_splits`` gives it, else the one it has in ``laid_out`` (the dataset's newest
+    version's sources), else the rule's."""
     listing = list_documents(request.sources, request.store)
-    kept = kept_splits(request.keep_splits, listing.column("url_key"), request.store) if request.keep_splits else None
+    keys = listing.column("url_key")
+    kept = kept_splits(request.keep_splits, keys, request.store) if request.keep_splits else None
+    if laid_out is not None and laid_out.num_rows:
+        ours = _kept_from(laid_out, keys)
+        kept = ours if kept is None else np.where(kept != "", kept, ours)
     listing = listing.append_column("split", pa.array(split_array(listing.column("key"), request.val_fraction, kept)))
     found = lookup(listing, load_index(request.dataset_root, request.alphabet, request.store))
     pa.default_memory_pool().release_unused()
@@ -110,6 +119,11 @@ def kept_splits(url: str, keys: pa.ChunkedArray, store: Store = Store()) -> np.n
     if unknown:
         raise PipelineError(f"{redact(url)}: unknown splits {sorted(map(str, unknown))} (not {', '.join(SPLITS)}); "
                             f"give DatasetRequest.keep_splits a dataset's or a version's sources.parquet")
+    return _kept_from(table, keys)
+
+
+def _kept_from(table: pa.Table, keys: pa.ChunkedArray) -> np.ndarray:
+    """Per key: the split ``table`` (``url_key``, ``split``) gives it, or ""."""
     positions = pc.index_in(keys, value_set=table.column("url_key").combine_chunks())
     kept = pc.take(table.column("split").combine_chunks(), positions)
     return pc.fill_null(kept, "").to_numpy(zero_copy_only=False).astype("<U5")
@@ -177,11 +191,10 @@ def _stage(what: str):
                             f"Ray workers more memory, or leave the largest files out") from None
 
 
-def catalogue(request: DatasetRequest) -> pa.Table:
-    """Every document with its split and cache entry, new or changed ones encoded first."""
-    # the keys found the cache entries; the build needs them again only for sources.parquet (64
-    # bytes a document: 13 MB of the driver's peak at 200,000 documents)
-    found = listed_documents(request).drop_columns(["url_key"])
+def catalogue(request: DatasetRequest, laid_out: pa.Table | None = None) -> pa.Table:
+    """Every document with its split and cache entry, new or changed ones encoded first (splits
+    as ``listed_documents`` gives them)."""
+    found = listed_documents(request, laid_out)
     missing = pc.is_null(found.column("identity"))
     # only the columns the encode tasks need, not a copy of every column
     encoded = encode_documents(found.select(["url", "size", "version"]).filter(missing), request)
@@ -224,76 +237,155 @@ def stream_of(documents: pa.Table, split: str, request: DatasetRequest) -> Strea
                      blobs.indices.to_numpy()[rows], offsets[rows] + first, length)
 
 
-def dataset_key(request: DatasetRequest, documents: pa.Table) -> str:
-    """The dataset directory's name: a hash of everything that decides its content, each
-    document's split included (splits kept from a published version may differ from the rule's)."""
+def dataset_directory(request: DatasetRequest) -> str:
+    """The dataset directory: named by what decides its layout, not by its documents (a corpus that
+    grows adds versions to the same directory)."""
     digest = hashlib.sha256(json.dumps({
         "format": FORMAT, "alphabet": request.alphabet, "seq_len": request.seq_len, "rows": request.rows,
         "workers": request.workers, "val_fraction": request.val_fraction, "shard_mb": request.shard_mb,
         "split_rule": SPLIT_RULE}, sort_keys=True).encode())
-    for batch in documents.select(["url", "identity", "split"]).to_batches(CHUNK_ROWS):
-        for url, identity, split in zip(*(column.to_pylist() for column in batch.columns)):
-            digest.update(f"{url}\0{identity}\0{split}\n".encode())
+    return join(request.dataset_root, digest.hexdigest()[:16])
+
+
+def segment_id(request: DatasetRequest, val_rows: int, documents: pa.Table) -> str:
+    """A segment's name: a hash of what decides its rows (not W, nor where it is stored, so that a
+    run resumes on another number of workers or a moved dataset) and its documents in order."""
+    digest = hashlib.sha256(json.dumps({
+        "alphabet": request.alphabet, "seq_len": request.seq_len, "rows": request.rows, "val_rows": val_rows,
+        "val_fraction": request.val_fraction, "split_rule": SPLIT_RULE}, sort_keys=True).encode())
+    for key in document_keys(documents).to_pylist():
+        digest.update(f"{key}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def _layouts(request: DatasetRequest, streams: dict[str, Stream]) -> dict[str, Layout]:
+def _lay_out(free: pa.Table, request: DatasetRequest, val_rows: int | None) -> dict[str, Layout]:
+    """The layouts of the free documents' splits that fill a step; for a dataset's first version
+    both must (else the corpus is too small), later a split that does not waits."""
+    tokens = {split: int(_pieces(free, split, request.val_fraction)[2].sum()) for split in ("train", "val")}
     try:
-        train = plan_rows(streams["train"].tokens, request.rows, request.seq_len)
-        val_rows = validation_rows(streams["val"].tokens, request.rows, request.seq_len, request.workers)
-        return {"train": train, "val": plan_rows(streams["val"].tokens, val_rows, request.seq_len)}
+        if val_rows is None:
+            val_rows = validation_rows(tokens["val"], request.rows, request.seq_len, request.workers)
+            return {"train": plan_rows(tokens["train"], request.rows, request.seq_len),
+                    "val": plan_rows(tokens["val"], val_rows, request.seq_len)}
     except LayoutError as exc:
         raise PipelineError(str(exc)) from None
+    layouts = {}
+    for split, rows in (("train", request.rows), ("val", val_rows)):
+        with contextlib.suppress(LayoutError):
+            layouts[split] = plan_rows(tokens[split], rows, request.seq_len)
+    both = pc.any(pc.equal(free.column("split"), "both")).as_py()
+    return layouts if len(layouts) == 2 or not both else {}  # a document in both splits waits for both
 
 
 def build_dataset(request: DatasetRequest) -> str:
-    """URL of the dataset directory for ``request``, built unless it exists already."""
+    """URL of the newest version of the dataset for ``request``, with a new segment for the
+    documents that no version holds yet (see ``charnn.data.segments``)."""
     started = time.perf_counter()
     alphabet_size(request.alphabet)
     if request.workers <= 0 or request.rows % request.workers:
         raise PipelineError(f"{request.rows} rows cannot be split evenly over {request.workers} workers")
-    documents = catalogue(request)
+    directory = dataset_directory(request)
+    with dataset_root_access(directory, "read the dataset"):
+        previous = newest_version(directory, request.store)
+    documents = catalogue(request, previous and previous.sources(request.store))
     catalogued = time.perf_counter()
-    url, splits = write_dataset(request, documents)
-    if splits is not None:
-        _summarise(documents, splits, catalogued - started, time.perf_counter() - catalogued)
+    url, added = write_dataset(request, documents, previous)
+    if added is not None:
+        _summarise(documents, added, catalogued - started, time.perf_counter() - catalogued)
     return url
 
 
-def write_dataset(request: DatasetRequest, documents: pa.Table) -> tuple[str, dict[str, Split] | None]:
-    """The dataset of catalogued ``documents``: its URL, and its splits unless it existed already."""
-    streams = {split: stream_of(documents, split, request) for split in ("train", "val")}
-    layouts = _layouts(request, streams)
-    url = join(request.dataset_root, dataset_key(request, documents))
-    with dataset_root_access(url, "write the dataset"):
-        fs, manifest_path = request.store.fs(join(url, "manifest.json"))
-        if fs.exists(manifest_path):
-            log.info("dataset %s exists; reusing it", url)
-            return url, None
-        fs.makedirs(manifest_path.rsplit("/", 1)[0], exist_ok=True)
+def write_dataset(request: DatasetRequest, documents: pa.Table,
+                  previous: Manifest | None = None) -> tuple[str, "Added | None"]:
+    """The newest version for the catalogued ``documents``: its URL and what this build added
+    (None if ``previous``, the newest version so far, holds them already)."""
+    directory = dataset_directory(request)
+    store = request.store
+    growth = plan_growth(documents, previous.segments if previous else (),
+                         previous.sources(store) if previous else None)
+    free = documents.filter(growth.free)
+    layouts = _lay_out(free, request, previous and previous.splits["val"].rows)
+    if previous and not layouts and not growth.dropped:
+        log.info("dataset %s holds every listed document (%d wait for more text)", previous.url, free.num_rows)
+        return previous.url, None
+    placed = pc.is_in(free.column("split"), pa.array([*layouts, "both"] if len(layouts) == 2 else list(layouts)))
+    segment = free.filter(placed)
+    added = Added(free.num_rows - segment.num_rows, segment, {})
+    val_rows = previous.splits["val"].rows if previous else layouts["val"].rows
+    with dataset_root_access(directory, "read the dataset"):
+        records = [_record(directory, ref, store) for ref in growth.kept]
+        number = max(version_numbers(directory, store), default=0) + 1
+        new_id = segment_id(request, val_rows, segment)
+        written = load_segment(directory, new_id, store) if layouts else None  # a build that died after it
 
     def commit(splits: dict[str, Split]) -> None:
-        # URLs masked (the dataset holds no credentials) beside the key of each raw URL (what comparisons go by)
-        sources = documents.set_column(documents.schema.get_field_index("url"), "url",
-                                       redact_urls(documents.column("url")))
-        sources = sources.append_column("url_key", url_keys(documents.column("url")))
-        manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
-                            SPLIT_RULE, request.val_fraction, documents.num_rows, splits)
-        with dataset_root_access(url, "write the dataset"):
-            write_sources(url, sources, request.store)
-            write_manifest(url, dataclasses.replace(manifest, stream=stream_digest(manifest, documents)), request.store)
+        if splits:
+            record = written or SegmentRecord(new_id, segment.num_rows, splits, content_digest(segment))
+            if not written:
+                write_segment(directory, record, _sources_table(segment), store)
+            records.append(record)
+        added.splits.update(splits)
+        _write_version(request, directory, number, records, {"train": request.rows, "val": val_rows}, added.waiting)
 
-    return url, _write_shards(request, streams, layouts, url, commit)
+    if not layouts or written:
+        with dataset_root_access(directory, "write the dataset"):
+            commit(written.splits if written else {})
+        return version_url(directory, number), added
+    streams = {split: stream_of(segment, split, request) for split in ("train", "val")}
+    _write_shards(request, streams, layouts, join(directory, SEGMENTS, new_id), commit)
+    return version_url(directory, number), added
+
+
+@dataclass
+class Added:
+    """What a build added: the new segment's documents and splits, and how many documents wait."""
+
+    waiting: int
+    documents: pa.Table
+    splits: dict[str, Split]
+
+
+def _record(directory: str, ref: SegmentRef, store: Store) -> SegmentRecord:
+    record = load_segment(directory, ref.id, store)
+    if record is None:
+        raise PipelineError(f"{join(directory, SEGMENTS, ref.id)} has no {SEGMENT}, yet a version names it: "
+                            f"it was damaged; delete {directory} and build again")
+    return record
+
+
+def _sources_table(documents: pa.Table) -> pa.Table:
+    # URLs masked (the dataset holds no credentials) beside the key of each raw URL (what comparisons go by)
+    return documents.set_column(documents.schema.get_field_index("url"), "url", redact_urls(documents.column("url")))
+
+
+def _write_version(request: DatasetRequest, directory: str, number: int, records: list[SegmentRecord],
+                   rows: dict[str, int], waiting: int) -> None:
+    manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
+                        SPLIT_RULE, request.val_fraction, sum(r.documents for r in records),
+                        flatten(records, rows, request.seq_len), url=version_url(directory, number),
+                        segments=tuple(r.ref() for r in records), version=number, waiting=waiting)
+    empty = [name for name, split in manifest.splits.items() if not split.steps]
+    if empty:
+        raise PipelineError(f"the corpus is too small: no step of {' or '.join(empty)} is left once the removed "
+                            f"documents are gone; add text")
+    manifest = dataclasses.replace(manifest, stream=stream_digest(manifest, None))
+    if not write_version(manifest, request.store):
+        raise PipelineError(f"{manifest.url} was written by another build meanwhile; run the job again")
 
 
 def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: dict[str, Layout],
-                  url: str, commit) -> dict[str, Split]:
-    """Every shard, written by Ray Data's write of ``ShardSink``; ``commit`` runs once all are whole."""
+                  url: str, commit) -> None:
+    """Every shard of the laid-out splits under ``url``, written by Ray Data's write of ``ShardSink``;
+    ``commit(splits)`` runs once all are whole (a split not laid out has no rows there)."""
     import ray.data
     from ray.util.debug import log_once
 
     splits, plans = {}, []
-    for split, layout in layouts.items():
+    for split in ("train", "val"):
+        layout = layouts.get(split)
+        if layout is None:
+            splits[split] = Split(0, 0, 0, 0, ())
+            continue
         shards = plan_shards(layout, request.workers, request.shard_mb * 2**20)
         splits[split] = Split(layout.rows, layout.row_length, layout.steps, streams[split].tokens,
                               tuple(_shard(plan, split) for plan in shards))
@@ -311,7 +403,6 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
     with _stage(f"writing shards under {url}"):
         unreserved(ray.data.from_items(plans, override_num_blocks=len(plans))).write_datasink(
             ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency)
-    return splits
 
 
 def _shard(plan: ShardPlan, split: str) -> Shard:
@@ -330,14 +421,17 @@ def _check_documents(documents: pa.Table, alphabet: str) -> None:
         log.warning("... and %d more documents like these", suspicious.num_rows - WARNINGS_SHOWN)
 
 
-def _summarise(documents: pa.Table, splits: dict[str, Split], catalogued: float, written: float) -> None:
+def _summarise(documents: pa.Table, added: Added, catalogued: float, written: float) -> None:
     mb = pc.sum(documents.column("size")).as_py() / 1e6
     reused = pc.sum(documents.column("reused").cast(pa.int64())).as_py()
-    train, val, seconds = splits["train"], splits["val"], catalogued + written
+    new = added.documents
+    segment = ", ".join(f"{name} {split.rows} rows x {split.row_length}" for name, split in added.splits.items()
+                        if split.steps) or "no new segment"
+    seconds = catalogued + written
     print(
-        f"charnn.pipeline: {documents.num_rows} documents ({reused} reused from cache), {mb:.1f} MB, "
-        f"{pc.sum(documents.column('tokens')).as_py()} tokens; train {train.rows} rows x {train.row_length}, "
-        f"val {val.rows} rows x {val.row_length}; {seconds:.1f} s (listing and encoding {catalogued:.1f} s, "
+        f"charnn.pipeline: {documents.num_rows} documents ({reused} reused from cache), {mb:.1f} MB; "
+        f"laid out {new.num_rows} documents, {pc.sum(new.column('tokens')).as_py() or 0} tokens, as a new segment "
+        f"({segment}); {added.waiting} wait for more text; {seconds:.1f} s (listing and encoding {catalogued:.1f} s, "
         f"shards {written:.1f} s), {mb / max(seconds, 1e-9):.1f} MB/s",
         file=sys.stderr, flush=True,
     )

@@ -23,7 +23,7 @@ from ray.data.datasource import Datasink, Datasource, ReadTask
 from charnn.data.cache import encode_group
 from charnn.data.dataset import DatasetError, Manifest, Split, load_manifest, shard_table, write_shard_file
 from charnn.data.stream import BlobReader, Stream
-from charnn.storage import Store, describe_error, join, open_atomic
+from charnn.storage import Store, describe_error, open_atomic
 
 FIGURE_BYTES = 96  # an encoded document's row of figures, about
 
@@ -192,7 +192,7 @@ class ShardSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         T = self.manifest.seq_len
-        return [ReadTask(_shard_task(join(self.manifest.url, shard.path), shard.worker, self.store),
+        return [ReadTask(_shard_task(self.manifest.shard_url(shard), shard.worker, shard.steps[0] * T, self.store),
                          BlockMetadata(num_rows=(rows := shard.rows[1] - shard.rows[0]),
                                        size_bytes=rows * (shard.steps[1] - shard.steps[0]) * T,
                                        input_files=[shard.path], exec_stats=None),
@@ -200,11 +200,13 @@ class ShardSource(Datasource):
                 for shard in self.split.shards]
 
 
-def _shard_task(url: str, worker: int, store: Store):
+def _shard_task(url: str, worker: int, start: int, store: Store):
     def read_shard() -> Iterable[pa.Table]:
         fs, path = store.fs(url)
         with fs.open(path, "rb") as f:
             table = pa.ipc.open_file(f).read_all()
+        # a segment's shard counts its start from the segment's: the version's row counts from its own
+        table = table.set_column(1, "start", pa.array(np.full(table.num_rows, start, np.int64)))
         yield table.append_column("worker", pa.array(np.full(table.num_rows, worker, np.int32)))
 
     return read_shard

@@ -11,7 +11,7 @@ import pyarrow.ipc
 
 from charnn.data.dataset import DatasetError, Manifest, Shard
 from charnn.data.layout import worker_rows
-from charnn.storage import Store, join
+from charnn.storage import Store
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SplitReader:
         self.shards = [s for s in info.shards if s.worker == self.rank]
 
     def _load(self, shard: Shard) -> np.ndarray:
-        fs, path = self.store.fs(join(self.url, shard.path))
+        fs, path = self.store.fs(self.manifest.shard_url(shard))
         with fs.open(path, "rb") as f:
             table = pa.ipc.open_file(f).read_all()
         rows = table.column("row").to_numpy()

@@ -175,7 +175,8 @@ class Trainer:
             self.budget.agreed = state.train_seconds
         if resumed and self.context.rank == 0:
             say(f"charnn: resumed {self.spec.run.name} at step {state.step}/{self.total_steps or '-'}")
-        return state, Batches(self.train_rows, states, self.spec.train.epoch_state, self.context.device)
+        return state, Batches(self.train_rows, states, self.spec.train.epoch_state, self.context.device,
+                              self.spec.train.first_step)
 
     def _run_log(self, state: TrainState) -> RunLog | None:
         return RunLog(self.run_url, self.store, state.step, state.history) if self.context.rank == 0 else None

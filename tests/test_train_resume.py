@@ -82,3 +82,21 @@ def test_a_spec_of_another_model_shape_is_refused_before_training(root, uninterr
     assert "Traceback" not in proc.stderr
     proc, _ = train(root, "one-worker", 1, 40, "--set", "data.alphabet=bytes", check=False)
     assert proc.returncode == 2 and "the spec asks for bytes" in proc.stderr
+
+
+def test_a_run_resumes_on_the_dataset_version_it_started_with_while_new_runs_get_the_grown_one(
+        tmp_path, root, train):
+    import shutil
+
+    from support.jobs import write_corpus
+
+    shutil.copytree(root / "corpus", tmp_path / "corpus")
+    _, first = train(tmp_path, "grows", 2, 12)
+    assert first["dataset"].endswith("/versions/v000001")
+    write_corpus(tmp_path / "corpus", documents=2, lines=150, seed=77, prefix="added")
+    proc, resumed = train(tmp_path, "grows", 2, 30)
+    assert "resumed grows at step 12/30" in proc.stdout
+    assert f"on the dataset version it started with, {first['dataset']}" in proc.stdout + proc.stderr
+    assert resumed["dataset"] == first["dataset"] and resumed["steps"] == 30
+    _, fresh = train(tmp_path, "fresh", 2, 2)
+    assert fresh["dataset"] == first["dataset"].replace("v000001", "v000002")

@@ -6,11 +6,11 @@ infra/local-schedule.sh).  It connects to Ray first, then, holding the registry'
      published model in <run.storage>/models/<retrain.model>/; nothing new or changed: "skipped";
   2. rebuild the dataset: only new or changed documents are tokenised, the rest come from the
      document cache, and every document the published model knows keeps its split;
-  3. fine-tune from the published weights with a fresh optimiser on what is new: the run starts
-     at the dataset's new segments (those holding a new or changed document) and reads them
-     once, then wraps round to the oldest text for a replay share (retrain.replay) of its steps;
-     at most retrain.steps in all, which reads the new text's last steps if it allows no more
-     (nothing published yet: the spec's full schedule from scratch);
+  3. fine-tune from the published weights with a fresh optimiser for retrain.steps, new text
+     first: the run starts at the dataset's new segments (those holding a new or changed
+     document), reads them once, then wraps round to the oldest text for the rest, at least the
+     replay share (retrain.replay) of the steps; if those allow less than all the new text, it
+     reads its last steps (nothing published yet: the spec's full schedule from scratch);
   4. evaluate candidate and incumbent on the same, new validation split;
   5. publish the candidate only if its validation loss is finite, below ln |alphabet| (what a
      model that knows nothing scores) and beats the incumbent's by retrain.min_improvement (an
@@ -44,6 +44,7 @@ from charnn.checkpoint import check_compatible, load_payload
 from charnn.train.metrics import say
 from charnn.train.trainer import model_shape
 from charnn.registry import SOURCES_FILE, Lease, ModelRegistry, Version
+from charnn.retention import collect
 from charnn.evaluate import evaluate_checkpoints
 from charnn.train.launch import fit
 
@@ -103,13 +104,12 @@ class FineTune:
     new_steps_read: int
 
 
-def plan_fine_tune(segment_steps: list[int], is_new: list[bool], max_steps: int, replay: float) -> FineTune:
-    """Read the segments from the first new one to the end once, then ``replay`` of the steps of
-    older text; at most ``max_steps``: then the new text's last steps, and still the replay share."""
+def plan_fine_tune(segment_steps: list[int], is_new: list[bool], steps: int, replay: float) -> FineTune:
+    """``steps`` from the first new segment on: the new segments once (their last steps, if the
+    steps less the ``replay`` share allow no more), then round to step 0 for older text."""
     total = sum(segment_steps)
     first_new = sum(segment_steps[:is_new.index(True)]) if any(is_new) else total
     new_steps = total - first_new
-    steps = min(max_steps, math.ceil(new_steps / (1 - replay)))
     read = min(new_steps, steps - round(replay * steps))
     return FineTune(steps, (first_new + new_steps - read) % max(total, 1), new_steps, read)
 
@@ -180,7 +180,8 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
                   candidate=candidate_url, dataset=dataset)
     candidate = Candidate(candidate_run, candidate_url, dataset, {
         "metrics": ours, "incumbent": incumbent and {"version": incumbent.name, **theirs},
-        "candidate": candidate_url, "spec": dump_spec(candidate_run), "dataset": {"url": dataset, "documents": len(current)}})
+        "candidate": candidate_url, "spec": dump_spec(candidate_run),
+        "dataset": {"url": dataset, "documents": len(current)}})
     versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
     why = rejection(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement,
                     worse_than_uniform(spec.data.alphabet))
@@ -221,7 +222,21 @@ def run() -> dict:
     # Ray first: a cluster that is slow to answer or short of workers keeps no other retrain out
     require_workers(spec.cluster, init_ray(spec.cluster.connect_timeout_s))
     with registry.lease(spec.retrain.lease_minutes * 60) as lease:
-        return retrain(spec, registry, lease)
+        result = retrain(spec, registry, lease)
+        return {**result, "gc": _collect(spec, registry, lease)}
+
+
+def _collect(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
+    """Retention at the round's end, as ``charnn-gc --apply``; its failure is reported, not raised:
+    the round's own result stands."""
+    try:
+        report = collect(spec, registry, apply=True, lease=lease)
+    except CharnnError as exc:
+        say(f"charnn.retrain: retention failed: {exc}; run charnn-gc --spec ... --apply later")
+        return {"action": "failed", "error": str(exc)}
+    say(f"charnn.retrain: retention removed {report.bytes / 1e6:.1f} MB "
+        f"({', '.join(f'{n} {k}' for k, n in dataclasses.asdict(report.removed).items() if n) or 'nothing'})")
+    return report.to_json()
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ job trains a run, another job of the same run exits with status 75 and writes no
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
 from charnn.config import Spec, dump_spec
-from charnn.data.build import DatasetRequest, build_dataset
-from charnn.data.dataset import load_manifest
+from charnn.data.build import DatasetRequest, build_dataset, dataset_directory
+from charnn.data.dataset import VERSIONS, DatasetError, load_manifest
+from charnn.train.metrics import say
 from charnn.storage import StorageError, Store, describe_error, join
 from charnn.sample import GenerateOptions, sample_text
 from charnn.checkpoint import check_compatible, checkpoint_names, latest_checkpoint, load_model, load_payload
@@ -26,12 +27,28 @@ def run() -> dict:
     with run_lease(spec) as lease:  # from here on this job alone reads, resumes and writes the run
         if checkpoint_names(_run_url(spec), Store.of(spec.storage)) != checked[0]:
             checked = _checked_resume(spec)  # another job wrote checkpoints meanwhile
-        dataset = build_dataset(DatasetRequest.from_spec(spec))
+        dataset = _dataset(spec, checked[1])
         if checked[1]:
             check_resume(spec, checked[1], load_manifest(dataset, Store.of(spec.storage)))
         _write_spec(spec)
         checkpoint = fit(spec, dataset, lease=lease)
     return _report(spec, dataset, checkpoint)
+
+
+def _dataset(spec: Spec, saved: dict | None) -> str:
+    """The dataset version to train on: a resumed run's own, if the spec still names its dataset
+    and it is still there (a corpus that grew meanwhile is for the next run); else the newest,
+    built with what is new."""
+    request = DatasetRequest.from_spec(spec)
+    started_on = (saved or {}).get("dataset", {}).get("url")
+    if started_on and started_on.rsplit(f"/{VERSIONS}/", 1)[0] == dataset_directory(request):
+        try:
+            load_manifest(started_on, request.store)
+            say(f"charnn: resuming {spec.run.name} on the dataset version it started with, {started_on}")
+            return started_on
+        except DatasetError:
+            pass  # removed since: the newest version, which check_resume compares with the run's
+    return build_dataset(request)
 
 
 def _run_url(spec: Spec) -> str:

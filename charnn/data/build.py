@@ -308,7 +308,8 @@ def write_dataset(request: DatasetRequest, documents: pa.Table,
     if previous and not layouts and not growth.dropped:
         log.info("dataset %s holds every listed document (%d wait for more text)", previous.url, free.num_rows)
         return previous.url, None
-    placed = pc.is_in(free.column("split"), pa.array([*layouts, "both"] if len(layouts) == 2 else list(layouts)))
+    placed = pc.is_in(free.column("split"),
+                      pa.array([*layouts, "both"] if len(layouts) == 2 else list(layouts), pa.string()))
     segment = free.filter(placed)
     added = Added(free.num_rows - segment.num_rows, segment, {})
     val_rows = previous.splits["val"].rows if previous else layouts["val"].rows
@@ -321,8 +322,8 @@ def write_dataset(request: DatasetRequest, documents: pa.Table,
     def commit(splits: dict[str, Split]) -> None:
         if splits:
             record = written or SegmentRecord(new_id, segment.num_rows, splits, content_digest(segment))
-            if not written:
-                write_segment(directory, record, _sources_table(segment), store)
+            # a segment a dead build left is written again too: that makes it young, which gc leaves alone
+            write_segment(directory, record, _sources_table(segment), store)
             records.append(record)
         added.splits.update(splits)
         _write_version(request, directory, number, records, {"train": request.rows, "val": val_rows}, added.waiting)

@@ -119,14 +119,15 @@ def test_gc_keeps_the_published_model_and_generate_uses_it(world):
     status, logs, result = retrain(world)  # nothing new: it skips, and runs retention at its end
     assert status == 0 and result["action"] == "skipped" and result["gc"]["action"] == "applied", logs[-3000:]
     gc = subprocess.run([sys.executable, "-m", "charnn.cli.gc", *world["args"], "--set", "retrain.keep_versions=1",
-                         "--apply", "--min-age-minutes", "0"],
+                         "--set", "retrain.keep_rounds=1", "--apply", "--min-age-minutes", "0"],
                         cwd=REPO, env=world["cluster"].env, capture_output=True, text=True, timeout=300)
     assert gc.returncode == 0, gc.stderr[-3000:]
     report = json.loads(gc.stdout.strip().splitlines()[-1])
-    # model v0001 goes, and with it dataset version v000001, whose one segment v000002 still names
+    # model v0001 and round 1's candidate go, and with them dataset version v000001, whose one segment
+    # v000002 still names
     assert report["action"] == "applied" and world["registry"].versions() == ["v0002"]
-    assert (report["removed"]["model_versions"], report["removed"]["dataset_versions"],
-            report["removed"]["segments"]) == (1, 1, 0)
+    assert (report["removed"]["model_versions"], report["removed"]["candidates"], report["removed"]["dataset_versions"],
+            report["removed"]["segments"]) == (1, 1, 1, 0)
     assert world["registry"].published().name == "v0002"
     args = ["--model", "smoke", "--storage", f"s3://{world['bucket']}/runs", "--endpoint-url", world["moto"].endpoint,
             "--length", "60", "--seed", "3"]

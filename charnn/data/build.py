@@ -20,6 +20,7 @@ import logging
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -287,22 +288,23 @@ def build_dataset(request: DatasetRequest) -> str:
     directory = dataset_directory(request)
     with dataset_root_access(directory, "read the dataset"):
         previous = newest_version(directory, request.store)
-    documents = catalogue(request, previous and previous.sources(request.store))
+        laid_out = previous and previous.sources(request.store)
+    documents = catalogue(request, laid_out)
     catalogued = time.perf_counter()
-    url, added = write_dataset(request, documents, previous)
+    url, added = write_dataset(request, documents, previous, laid_out)
     if added is not None:
         _summarise(documents, added, catalogued - started, time.perf_counter() - catalogued)
     return url
 
 
-def write_dataset(request: DatasetRequest, documents: pa.Table,
-                  previous: Manifest | None = None) -> tuple[str, "Added | None"]:
+def write_dataset(request: DatasetRequest, documents: pa.Table, previous: Manifest | None = None,
+                  laid_out: pa.Table | None = None) -> tuple[str, "Added | None"]:
     """The newest version for the catalogued ``documents``: its URL and what this build added
-    (None if ``previous``, the newest version so far, holds them already)."""
+    (None if ``previous``, the newest version so far, whose sources are ``laid_out``, holds them
+    already)."""
     directory = dataset_directory(request)
     store = request.store
-    growth = plan_growth(documents, previous.segments if previous else (),
-                         previous.sources(store) if previous else None)
+    growth = plan_growth(documents, previous.segments if previous else (), laid_out)
     free = documents.filter(growth.free)
     layouts = _lay_out(free, request, previous and previous.splits["val"].rows)
     if previous and not layouts and not growth.dropped:
@@ -314,7 +316,8 @@ def write_dataset(request: DatasetRequest, documents: pa.Table,
     added = Added(free.num_rows - segment.num_rows, segment, {})
     val_rows = previous.splits["val"].rows if previous else layouts["val"].rows
     with dataset_root_access(directory, "read the dataset"):
-        records = [_record(directory, ref, store) for ref in growth.kept]
+        with ThreadPoolExecutor(16) as pool:  # one small read each: many segments on an object store
+            records = list(pool.map(lambda ref: _record(directory, ref, store), growth.kept))
         number = max(version_numbers(directory, store), default=0) + 1
         new_id = segment_id(request, val_rows, segment)
         written = load_segment(directory, new_id, store) if layouts else None  # a build that died after it

@@ -350,6 +350,20 @@ def small_shards(monkeypatch):
                         lambda layout, world, tokens: real(layout, world, 16 * layout.rows // world * layout.seq_len))
 
 
+def assert_rows_continue(corpus, docs, older, grown) -> None:
+    """Row r of the grown version is row r of the older one, then row r of the new segment, which
+    is rebuilt here from the added files (``docs``); each is (manifest, windows by split)."""
+    (v1, v1_windows), (v2, v2_windows) = older, grown
+    laid = segment_rows(corpus, docs, {s: v1.splits[s].rows for s in SPLITS}, v1.seq_len, v1.val_fraction)
+    for split in SPLITS:
+        old_rows, new_rows = rows_by_segment(v2_windows[split], steps_of(v2, split))
+        (v1_rows,) = rows_by_segment(v1_windows[split], steps_of(v1, split))
+        assert np.array_equal(old_rows, v1_rows)
+        assert np.array_equal(new_rows, np.array(laid[split]).reshape(new_rows.shape))
+        assert new_rows.shape[1] > 0
+        assert np.array_equal(v2_windows[split][:v1.splits[split].steps], v1_windows[split])
+
+
 @pytest.mark.ray
 def test_a_grown_corpus_adds_one_segment_and_leaves_the_older_version_untouched(ray_local, tmp_path, small_shards):
     corpus = Corpus(tmp_path / "corpus")
@@ -388,15 +402,7 @@ def test_a_grown_corpus_adds_one_segment_and_leaves_the_older_version_untouched(
     assert {d["split"] for d in docs} == {"train", "val"}
     assert SEGMENT_SHARD.fullmatch(f"segments/{new.id}/x.arrow") and new.id != v1.segments[0].id
 
-    # row r of v2 is row r of v1, then row r of the new segment (rebuilt from the added files)
-    laid = segment_rows(corpus, docs, {s: v1.splits[s].rows for s in SPLITS}, v1.seq_len, v1.val_fraction)
-    for split in SPLITS:
-        old_rows, new_rows = rows_by_segment(v2_windows[split], steps_of(v2, split))
-        (v1_rows,) = rows_by_segment(v1_windows[split], steps_of(v1, split))
-        assert np.array_equal(old_rows, v1_rows)
-        assert np.array_equal(new_rows, np.array(laid[split]).reshape(new_rows.shape))
-        assert new_rows.shape[1] > 0
-        assert np.array_equal(v2_windows[split][:v1.splits[split].steps], v1_windows[split])
+    assert_rows_continue(corpus, docs, (v1, v1_windows), (v2, v2_windows))
 
     # the reader opened on v1 reads on as if nothing happened, and v1 reads whole again
     rest = head + list(reading)
@@ -404,11 +410,7 @@ def test_a_grown_corpus_adds_one_segment_and_leaves_the_older_version_untouched(
     assert np.array_equal(np.array([w for _, w in rest]), v1_windows["train"][:, 2:4])
     verify_version(first, corpus)
 
-    # nothing new: the same version, and not a byte written anywhere under the dataset root
-    everything = snapshot(wanted.dataset_root)
-    assert build_dataset(wanted) == second
-    assert snapshot(wanted.dataset_root) == everything
-    assert load_manifest(second) == v2 and load_manifest(second).stream == v2.stream
+    assert_nothing_new_writes_nothing(wanted, second, v2)
 
     # what a run resumes on: another version is another stream
     assert v1.stream and v2.stream and v1.stream != v2.stream
@@ -613,6 +615,78 @@ runpy.run_module("charnn.cli.tokenize", run_name="__main__", alter_sys=True)
 """
 
 
+def assert_nothing_new_writes_nothing(wanted, newest: str, manifest) -> None:
+    """Nothing new: the same version, and not a byte written anywhere under the dataset root."""
+    everything = snapshot(wanted.dataset_root)
+    assert build_dataset(wanted) == newest
+    assert snapshot(wanted.dataset_root) == everything
+    assert load_manifest(newest) == manifest and load_manifest(newest).stream == manifest.stream
+
+
+def assert_rerun_completes(jobs, corpus, older, before: dict) -> str:
+    """A plain rerun writes v2, whose first segment is v1's, untouched; v2's URL."""
+    (v1, v1_windows) = older
+    proc = jobs.start("-m", "charnn.cli.tokenize")
+    proc.wait(timeout=180)
+    out, err = proc.output()
+    assert proc.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    directory = v1.directory
+    assert result["dataset"] == version_url(directory, 2)
+    v2, v2_windows = verify_version(result["dataset"], corpus)
+    assert v2.segments[:1] == v1.segments and len(v2.segments) == 2
+    for split in SPLITS:
+        assert np.array_equal(v2_windows[split][:v1.splits[split].steps], v1_windows[split])
+    assert {k: v for k, v in snapshot(directory).items() if k in before} == before
+    assert sorted(p.name for p in (Path(directory) / "versions").iterdir()) == ["v000001", "v000002"]
+    return result["dataset"]
+
+
+class Jobs:
+    """Tokenize jobs in processes of their own, output in files (a pipe nobody reads while it runs
+    could fill and stall it), all killed at the end."""
+
+    def __init__(self, tmp_path, args: list[str], env: dict):
+        self.tmp_path, self.args, self.env, self.started = tmp_path, args, env, []
+
+    def start(self, *command: str) -> subprocess.Popen:
+        log = self.tmp_path / f"job-{len(self.started)}"
+        with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+            proc = subprocess.Popen([sys.executable, *command, *self.args], cwd=REPO, env=self.env, stdout=out,
+                                    stderr=err, start_new_session=True)
+        proc.output = lambda: (Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()[-3000:])
+        self.started.append(proc)
+        return proc
+
+    def kill_all(self) -> None:  # a job left running by a failed assertion must not write under the next test
+        for proc in self.started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def kill_when(self, appeared) -> subprocess.Popen:
+        """The real command, SIGKILLed from outside once ``appeared()`` is true."""
+        proc = self.start("-m", "charnn.cli.tokenize")
+        deadline = time.monotonic() + 120
+        while not appeared():
+            assert proc.poll() is None, f"the build ended before writing a shard: {proc.output()[1]}"
+            assert time.monotonic() < deadline, "no shard file appeared"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc
+
+
+def assert_whole(first: str, v1, v1_windows, before: dict, where: str) -> None:
+    """Version ``first`` (v1) is still the newest, reads whole, and not one of its bytes changed."""
+    directory = first.rsplit("/versions/", 1)[0]
+    assert load_manifest(directory).url == first, f"killed {where}: a version appeared"
+    manifest = load_manifest(first)
+    assert manifest == v1
+    for split in SPLITS:
+        assert np.array_equal(read_windows(first, manifest, split), v1_windows[split]), f"killed {where}"
+    assert {k: v for k, v in snapshot(directory).items() if k in before} == before, f"killed {where}"
+
+
 @pytest.mark.ray
 @pytest.mark.faults
 def test_a_rebuild_killed_at_any_point_leaves_the_older_version_whole_and_a_rerun_completes(ray_local, tmp_path):
@@ -624,74 +698,34 @@ def test_a_rebuild_killed_at_any_point_leaves_the_older_version_whole_and_a_reru
     v1, v1_windows = verify_version(first, corpus)
     before = snapshot(directory)
     corpus.generate(3, 40, seed=11, prefix="later")
-
     args = ["--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{corpus.directory}]",
             "--set", f"data.dataset_root={wanted.dataset_root}", "--set", "data.seq_len=8",
             "--set", "train.batch_per_worker=2", "--set", "cluster.num_workers=2",
             "--set", "data.val_fraction=0.25", "--set", "data.shard_mb=1"]
     # the job joins this module's Ray as a driver (a job's own Ray would take far longer to start)
-    env = {**os.environ, **LOOPBACK_ENV, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    address = ray_local.get_runtime_context().gcs_address
+    jobs = Jobs(tmp_path, args, {**os.environ, **LOOPBACK_ENV, "RAY_ADDRESS": address})
 
-    started: list[subprocess.Popen] = []
-
-    def start(*command: str) -> subprocess.Popen:
-        """The job, its output in files (a pipe nobody reads while it runs could fill and stall it)."""
-        log = tmp_path / f"job-{len(started)}"
-        with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-            proc = subprocess.Popen([sys.executable, *command, *args], cwd=REPO, env=env, stdout=out, stderr=err,
-                                    start_new_session=True)
-        proc.output = lambda: (Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()[-3000:])
-        started.append(proc)
-        return proc
-
-    def new_segment_files() -> list[Path]:
-        return [p for p in (Path(directory) / "segments").rglob("*")
-                if p.is_file() and p.parent.name != v1.segments[0].id]
-
-    def v1_is_whole(where: str) -> None:
-        assert load_manifest(directory).url == first, f"killed {where}: a version appeared"
-        manifest = load_manifest(first)
-        assert manifest == v1
-        for split in SPLITS:
-            assert np.array_equal(read_windows(first, manifest, split), v1_windows[split]), f"killed {where}"
-        assert {k: v for k, v in snapshot(directory).items() if k in before} == before, f"killed {where}"
+    def new_segment_files() -> list[str]:
+        return sorted(str(p) for p in (Path(directory) / "segments").rglob("*")
+                      if p.is_file() and p.parent.name != v1.segments[0].id)
 
     try:
         killed = []
         for point in ("write_dataset", "shards", "write_segment", "write_version"):
-            if point == "shards":  # the real command, killed from outside once a shard file of it appears
-                seen = set(map(str, new_segment_files()))
-                proc = start("-m", "charnn.cli.tokenize")
-                deadline = time.monotonic() + 120
-                while not set(map(str, new_segment_files())) - seen:
-                    assert proc.poll() is None, f"the build ended before writing a shard: {proc.output()[1]}"
-                    assert time.monotonic() < deadline, "no shard file appeared"
-                    time.sleep(0.002)
-                os.killpg(proc.pid, signal.SIGKILL)
+            if point == "shards":  # killed from outside once a shard file of it appears
+                seen = set(new_segment_files())
+                proc = jobs.kill_when(lambda: set(new_segment_files()) - seen)
             else:
-                proc = start("-c", KILL_AT, point)
+                proc = jobs.start("-c", KILL_AT, point)
             proc.wait(timeout=180)
             assert proc.returncode == -signal.SIGKILL, f"{point}: exited {proc.returncode}: {proc.output()[1]}"
-            killed.append((point, sorted(p.name for p in new_segment_files())))
-            v1_is_whole(f"at {point}")
+            killed.append((point, [Path(p).name for p in new_segment_files()]))
+            assert_whole(first, v1, v1_windows, before, f"at {point}")
         assert not killed[0][1], "killed before laying out, yet segment files exist"
         assert any(name == "segment.json" for name in killed[-1][1]), "the last kill came before the segment was whole"
 
-        proc = start("-m", "charnn.cli.tokenize")
-        proc.wait(timeout=180)
-        out, err = proc.output()
-        assert proc.returncode == 0, err
-        result = json.loads(out.strip().splitlines()[-1])
-        assert result["dataset"] == version_url(directory, 2)
-        v2, v2_windows = verify_version(result["dataset"], corpus)
-        assert v2.segments[:1] == v1.segments and len(v2.segments) == 2
-        for split in SPLITS:
-            assert np.array_equal(v2_windows[split][:v1.splits[split].steps], v1_windows[split])
-        assert {k: v for k, v in snapshot(directory).items() if k in before} == before
-        assert sorted(p.name for p in (Path(directory) / "versions").iterdir()) == ["v000001", "v000002"]
-        assert build_dataset(wanted) == result["dataset"]
-    finally:  # a job left running by a failed assertion: it must not write on under the next test
-        for proc in started:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        second = assert_rerun_completes(jobs, corpus, (v1, v1_windows), before)
+        assert build_dataset(wanted) == second
+    finally:
+        jobs.kill_all()

@@ -8,6 +8,8 @@ job trains a run, another job of the same run exits with status 75 and writes no
 """
 
 
+import yaml
+
 from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
 from charnn.config import Spec, dump_spec
 from charnn.data.build import DatasetRequest, build_dataset, dataset_directory
@@ -36,12 +38,13 @@ def run() -> dict:
 
 
 def _dataset(spec: Spec, saved: dict | None) -> str:
-    """The dataset version to train on: a resumed run's own, if the spec still names its dataset
-    and it is still there (a corpus that grew meanwhile is for the next run); else the newest,
-    built with what is new."""
+    """The dataset version to train on: a resumed run's own, if the spec names the same sources and
+    layout and that version is still there (a corpus that grew meanwhile is for the next run);
+    else the newest, built with what is new (which ``check_resume`` compares with the run's)."""
     request = DatasetRequest.from_spec(spec)
     started_on = (saved or {}).get("dataset", {}).get("url")
-    if started_on and started_on.rsplit(f"/{VERSIONS}/", 1)[0] == dataset_directory(request):
+    if (started_on and started_on.rsplit(f"/{VERSIONS}/", 1)[0] == dataset_directory(request)
+            and _sources_of(saved.get("spec")) == _sources_of(dump_spec(spec))):
         try:
             load_manifest(started_on, request.store)
             say(f"charnn: resuming {spec.run.name} on the dataset version it started with, {started_on}")
@@ -49,6 +52,14 @@ def _dataset(spec: Spec, saved: dict | None) -> str:
         except DatasetError:
             pass  # removed since: the newest version, which check_resume compares with the run's
     return build_dataset(request)
+
+
+def _sources_of(spec_text: str | None) -> list | None:
+    """data.sources of a spec as ``dump_spec`` wrote it (URLs masked alike), or None."""
+    try:
+        return yaml.safe_load(spec_text)["data"]["sources"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 def _run_url(spec: Spec) -> str:

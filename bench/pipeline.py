@@ -2,9 +2,10 @@
 (``--tasks-rev``, run from a git worktree of that commit) and against a bare single-process
 baseline of the same job, side by side in one run.
 
-    .venv/bin/python bench/pipeline.py              # every figure below (about 15 minutes on 2 cores)
+    .venv/bin/python bench/pipeline.py              # figures (a) to (e) below (about 15 minutes on 2 cores)
     .venv/bin/python bench/pipeline.py --quick      # the same at small sizes: a smoke run (a few minutes)
     .venv/bin/python bench/pipeline.py --only c     # one figure
+    .venv/bin/python bench/pipeline.py --grow       # (g), the rebuilds after growth (= --only g)
 
 Corpora are the Shakespeare plays (``corpus:shakespeare``) cut into files of equal size in nested
 directories (1,000 a directory), each starting with its own number so that no two are alike; they
@@ -26,9 +27,25 @@ Printed, each with its target:
 (d) the driver's peak RSS (VmHWM) in the Ray Data build of 40 MB as 200,000 documents against 1,000
     (target <= 1.5);
 (e) the object store's peak during the Ray Data build of 1 GB (the cluster's usage, polled every
-    0.2 s), against the corpus's size and the store's capacity.
+    0.2 s), against the corpus's size and the store's capacity;
+(g) ``--grow`` (``--only g``, not in the default run): 1 GB as 20,000 documents and 200 MB as
+    100,000, each built once into an empty dataset root, then grown by +1% of its documents,
+    then +10%, then one document, rebuilt after each step into the same root.  Every build is
+    ``build_dataset`` alone (Ray up, not ``jobs/tokenize_corpus.py``: Ray's start-up is the same
+    few seconds for any build and is no part of what a rebuild saves) in a fresh subprocess.
+    The new documents are new files of the same size, numbered on from the old ones, in new
+    directories that sort after the old ones (a corpus appended to).  Printed per step: the
+    rebuild's seconds against the first build's (target <= 0.10 at +1% of 1 GB), the share of
+    the rebuild that listing takes (``list_documents`` timed alone on the grown corpus in the
+    same subprocess, right after the build, beside the build's own summary's "listing and
+    encoding", which includes the cache lookup and the encoding of the new documents), and the
+    bytes the rebuild wrote against the first build's (target <= 0.05 at +1%): the sizes of the
+    files new or changed under the dataset root (the dataset directory and the document cache),
+    by (path, size, mtime_ns) before and after.  Its corpora are ``grow-*`` under ``--workdir``,
+    cut back to their first documents at the start of each run.
 
-``--quick``: 4 MB as 20 and 2,000 documents (RSS from 200 to 2,000), 20 MB for 200 MB, 60 MB for 1 GB.
+``--quick``: 4 MB as 20 and 2,000 documents (RSS from 200 to 2,000), 20 MB for 200 MB, 60 MB for 1 GB;
+(g) 40 MB as 2,000 documents and 10 MB as 5,000.
 """
 from __future__ import annotations
 
@@ -36,6 +53,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,10 +80,13 @@ class Sizes:
     small_mb: float = 200.0  # (b) and (c)
     large_mb: float = 1000.0  # (c) and (e)
     files: int = 20  # (b), (c) and (e)
+    grow: tuple = ((1000.0, 20_000), (200.0, 100_000))  # (g): (MB, documents) of each corpus
 
 
 FULL = Sizes()
-QUICK = Sizes(mb=4.0, counts=(20, 2_000), rss=(200, 2_000), small_mb=20.0, large_mb=60.0)
+QUICK = Sizes(mb=4.0, counts=(20, 2_000), rss=(200, 2_000), small_mb=20.0, large_mb=60.0,
+              grow=((40.0, 2_000), (10.0, 5_000)))
+GROWTH = (("+1%", 0.01), ("+10%", 0.10), ("+1 document", 0.0))  # (g): each step adds this share, at least one
 
 
 def plays() -> bytes:
@@ -77,11 +98,13 @@ def plays() -> bytes:
 
 def make_corpus(directory: str, total_bytes: int, documents: int, first: int = 0) -> str:
     """``documents`` files of about total_bytes/documents bytes each, numbered from ``first``
-    (the plays over again where a document is longer than they are)."""
+    (the plays over again where a document is longer than they are): from 0 they replace the
+    directory, from any later number they are added to it (a corpus that grows)."""
     stamp = os.path.join(directory, f".corpus-{total_bytes}-{documents}-{first}")
     if os.path.exists(stamp):
         return directory
-    shutil.rmtree(directory, ignore_errors=True)
+    if first == 0:
+        shutil.rmtree(directory, ignore_errors=True)
     text, size = plays(), total_bytes // documents
     for n in range(first, first + documents):
         sub = os.path.join(directory, f"d{n // PER_DIRECTORY:05d}")
@@ -102,7 +125,11 @@ def make_corpus(directory: str, total_bytes: int, documents: int, first: int = 0
 def corpus_of(work: str, mb: float, documents: int) -> str:
     """The corpus, read once so that it is in the page cache: a corpus that other runs evicted
     costs its first reader seconds of disk reads (a 200,000-document build went from 6.5 to 18 s)."""
-    corpus = make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
+    return warm(make_corpus(os.path.join(work, f"corpus-{mb:g}mb-{documents}"), int(mb * 1e6), documents))
+
+
+def warm(corpus: str) -> str:
+    """``corpus``, every file of it read once (into the page cache)."""
     for directory, _, names in os.walk(corpus):
         for name in names:
             with open(os.path.join(directory, name), "rb") as f:
@@ -223,11 +250,36 @@ def pipeline(corpus: str, root: str, watch: bool = False) -> dict:
     return result
 
 
+def rebuild(corpus: str, root: str) -> dict:
+    """``build_dataset`` into ``root`` as it is (Ray up), then ``list_documents`` alone on the same
+    corpus (what the build's own listing costs, caches as warm as they were for the build), then
+    ``listed_documents`` (the same listing with the splits and the document cache's lookup)."""
+    import ray
+
+    from charnn.data.build import build_dataset, listed_documents
+    from charnn.data.sources import list_documents
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter()
+    url = build_dataset(request(corpus, root))
+    built = time.perf_counter()
+    listed = list_documents([corpus]).num_rows
+    listing = time.perf_counter()
+    listed_documents(request(corpus, root))  # the listing, the splits and the cache lookup
+    result = {"seconds": built - started, "listing": listing - built, "lookup": time.perf_counter() - listing,
+              "listed": listed, "version": url, "charnn": [charnn_home(), ray.get(ray.remote(charnn_home).remote())]}
+    ray.shutdown()
+    return result
+
+
 def child(mode: str, corpus: str, root: str) -> None:
-    shutil.rmtree(root, ignore_errors=True)
-    if mode in ("pipeline", "store"):
+    if mode == "grow":
+        result = rebuild(corpus, root)
+    elif mode in ("pipeline", "store"):
+        shutil.rmtree(root, ignore_errors=True)
         result = pipeline(corpus, root, watch=mode == "store")
     else:
+        shutil.rmtree(root, ignore_errors=True)
         result = (baseline if mode == "baseline" else translate)(corpus, root)
     # VmHWM, not ru_maxrss: Linux carries a parent's peak into its child's ru_maxrss
     status = open("/proc/self/status").read()
@@ -246,17 +298,21 @@ def measure(mode: str, corpus: str, work: str, engine: str = ROOT) -> dict:
     (the same, with the object store polled), ``baseline`` or ``translate``."""
     key = (mode, corpus, engine)
     if key not in MEASURED:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, corpus,
-                              os.path.join(work, "out")], capture_output=True, text=True,
-                             env=engine_env(engine), cwd=engine)
-        if out.returncode:
-            raise SystemExit(out.stderr[-3000:])
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        homes = result.pop("charnn", [engine])
-        if any(home != os.path.realpath(engine) for home in homes):
-            raise SystemExit(f"{mode} on {engine}: the driver and a worker imported charnn from {homes}")
-        MEASURED[key] = result
+        MEASURED[key] = run_child(mode, corpus, os.path.join(work, "out"), engine)[0]
     return MEASURED[key]
+
+
+def run_child(mode: str, corpus: str, root: str, engine: str = ROOT) -> tuple[dict, str]:
+    """``--child mode corpus root`` in a fresh subprocess: its JSON result and its stderr."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, corpus, root],
+                         capture_output=True, text=True, env=engine_env(engine), cwd=engine)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    homes = result.pop("charnn", [engine])
+    if any(home != os.path.realpath(engine) for home in homes):
+        raise SystemExit(f"{mode} on {engine}: the driver and a worker imported charnn from {homes}")
+    return result, out.stderr
 
 
 def tokenize_job(corpus: str, work: str, engine: str = ROOT) -> float:
@@ -351,10 +407,82 @@ def figure_e(work: str, sizes: Sizes) -> None:
           flush=True)
 
 
+def grow_corpus(work: str, mb: float, documents: int) -> str:
+    """(g)'s corpus of ``documents`` documents, without the documents an earlier run added to it,
+    in the page cache."""
+    corpus = make_corpus(os.path.join(work, f"grow-{mb:g}mb-{documents}"), int(mb * 1e6), documents)
+    for directory, _, names in os.walk(corpus, topdown=False):
+        for name in names:
+            added = name.startswith("doc-") and int(name[4:-4]) >= documents
+            if added or (name.startswith(".corpus-") and not name.endswith("-0")):
+                os.remove(os.path.join(directory, name))
+        if directory != corpus and not os.listdir(directory):
+            os.rmdir(directory)
+    return warm(corpus)
+
+
+def files_under(root: str) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``root``."""
+    found = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            st = os.stat(os.path.join(directory, name))
+            found[os.path.join(directory, name)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def grow_build(corpus: str, root: str) -> dict:
+    """One build of ``corpus`` into ``root`` as it is: its seconds, its listing's, the bytes of the
+    files it made or changed under ``root`` and the build's own summary line."""
+    before = files_under(root)
+    result, stderr = run_child("grow", corpus, root)
+    after = files_under(root)
+    result["written"] = sum(size for path, (size, mtime) in after.items() if before.get(path) != (size, mtime))
+    summary = [line for line in stderr.splitlines() if line.startswith("charnn.pipeline:")]
+    result["summary"] = summary[-1] if summary else ""
+    found = re.search(r"listing and encoding ([\d.]+) s", result["summary"])
+    result["catalogue"] = float(found.group(1)) if found else None
+    return result
+
+
+def grow_step(label: str, added: int, step: dict, first: dict) -> str:
+    """One printed line of (g): a rebuild against the corpus's first build."""
+    target = label == GROWTH[0][0]
+    laid = re.search(r"laid out (\d+) documents.*?; (\d+) wait", step["summary"])
+    segment = (f"new segment of {int(laid.group(1)):,} documents, {int(laid.group(2)):,} wait" if laid else
+               "no new segment (the build's summary was not printed: the new text waits for a step)")
+    catalogue = "not printed" if step["catalogue"] is None else f"{step['catalogue']:.2f} s"
+    return (f"(g)   {label:>11} (+{added:,}, {step['listed']:,} documents): rebuild {step['seconds']:.2f} s = "
+            f"{step['seconds'] / first['seconds']:.3f} of the first{' (target <= 0.10 at 1 GB)' if target else ''}; "
+            f"listing {step['listing']:.2f} s = {step['listing'] / step['seconds']:.0%} of it (list_documents alone; "
+            f"with the cache lookup {step['lookup']:.2f} s; the build's \"listing and encoding\" {catalogue}); "
+            f"written {step['written'] / 1e6:,.2f} MB = {step['written'] / first['written']:.4f} of the first"
+            f"{' (target <= 0.05)' if target else ''}; {segment}")
+
+
+def figure_g(work: str, sizes: Sizes) -> None:
+    for mb, documents in sizes.grow:
+        corpus, root = grow_corpus(work, mb, documents), os.path.join(work, "grow-out")
+        shutil.rmtree(root, ignore_errors=True)
+        first, count, size = grow_build(corpus, root), documents, int(mb * 1e6) // documents
+        print(f"(g) {size_mb(corpus):,.0f} MB as {documents:,} documents: first build {first['seconds']:.2f} s "
+              f"(listing {first['listing']:.2f} s), {first['written'] / 1e6:,.1f} MB written; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        for label, share in GROWTH:
+            added = max(1, round(documents * share))
+            make_corpus(corpus, added * size, added, first=count)  # new files, numbered on: they sort last
+            count += added
+            step = grow_build(corpus, root)
+            if step["listed"] != count:
+                raise SystemExit(f"(g) {corpus}: {step['listed']} documents listed, not {count}")
+            print(grow_step(label, added, step, first), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
-    parser.add_argument("--only", choices="abcde", help="run one figure")
+    parser.add_argument("--only", choices="abcdeg", help="run one figure")
+    parser.add_argument("--grow", action="store_true", help="figure (g) alone: rebuilds after the corpus grows")
     parser.add_argument("--mb", type=float, help="corpus size for (a) and (d) (default 40, 4 with --quick)")
     parser.add_argument("--tasks-rev", default="2eded07", help="the commit of the plain-task build, for (a)")
     parser.add_argument("--workdir", default="/tmp/charnn-bench")
@@ -366,12 +494,14 @@ def main() -> None:
     sizes = dataclasses.replace(sizes, mb=args.mb or sizes.mb)
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
-    print(f"{os.cpu_count()} cores; R={ROWS} T={SEQ_LEN} W={WORKERS}", flush=True)
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} cores, load average {load:.1f}; R={ROWS} T={SEQ_LEN} W={WORKERS}", flush=True)
     started = time.perf_counter()
     figures = {"a": lambda: figure_a(work, sizes, tasks_engine(work, args.tasks_rev)),
                "b": lambda: figure_b(work, sizes), "c": lambda: figure_c(work, sizes),
-               "d": lambda: figure_d(work, sizes), "e": lambda: figure_e(work, sizes)}
-    for name in args.only or "abcde":
+               "d": lambda: figure_d(work, sizes), "e": lambda: figure_e(work, sizes),
+               "g": lambda: figure_g(work, sizes)}
+    for name in "g" if args.grow else args.only or "abcde":
         figures[name]()
     print(f"{time.perf_counter() - started:.0f} s in all", flush=True)
 

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -206,7 +207,9 @@ class Manifest:
             return _with_url_keys(pa.Table.from_pylist([{k: d[k] for k in names} for d in self.inline_sources]))
         if self.format != FORMAT:
             return read_sources(join(self.url, SOURCES), self.url, store)
-        tables = [read_sources(join(self.directory, SEGMENTS, s.id, SOURCES), self.url, store) for s in self.segments]
+        urls = [join(self.directory, SEGMENTS, s.id, SOURCES) for s in self.segments]
+        with ThreadPoolExecutor(16) as pool:  # one read each: many segments on an object store
+            tables = list(pool.map(lambda url: read_sources(url, self.url, store), urls))
         return pa.concat_tables(tables) if tables else SOURCES_SCHEMA.empty_table()
 
 

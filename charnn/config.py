@@ -126,6 +126,23 @@ class ClusterConfig:
     resource_timeout_s: StrictInt = Field(600, ge=0)
     # how long starting an embedded Ray or reaching RAY_ADDRESS's cluster may take; then exit 75
     connect_timeout_s: StrictInt = Field(120, gt=0)
+    # Elastic training: the fewest workers a run goes on with (null: num_workers, not elastic).  A
+    # lost node shrinks the group to what is left (at least this many; a lost worker is a failure,
+    # so cluster.max_failures must allow it), and the group grows back to num_workers when capacity
+    # returns; either way from the latest checkpoint, with the same R rows split over the workers.
+    min_workers: Optional[StrictInt] = Field(None, gt=0)
+    # how often a running group checks whether it can grow (Ray's elastic_resize_monitor_interval_s;
+    # Ray Train sees a node that joined up to 20 s later)
+    resize_interval_s: StrictFloat = Field(60.0, ge=0)
+    # how long Ray Train waits for a worker group to start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).
+    # An elastic group that lost a node first asks for the lost node's workers too (Ray Train sees it
+    # gone up to 20 s late) and waits this long before it shrinks.
+    start_timeout_s: StrictFloat = Field(60.0, gt=0)
+
+    @property
+    def workers_range(self) -> tuple[int, int]:
+        """(fewest, most) workers of the run."""
+        return (self.min_workers or self.num_workers, self.num_workers)
 
 
 @dataclass(config=_SECTION)
@@ -155,6 +172,9 @@ class StorageConfig:
     region: Optional[StrictStr] = None
     anon: StrictBool = False
     max_attempts: StrictInt = Field(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
+    # Local paths in run.storage, data.dataset_root and data.sources are on storage that every node
+    # of the cluster mounts (NFS, a shared volume): without it they are refused on a multi-node cluster.
+    shared_path: StrictBool = False
 
 
 @dataclass(config=_SECTION)
@@ -367,7 +387,11 @@ def spec_from_dict(d: dict, origin: str = "<dict>") -> Spec:
     """Build and validate a Spec from a plain, possibly partial dict; absent keys take defaults."""
     tree = _convert_tree(d, origin)
     # Defaults are checked too, given as values: data.sources has no valid default.
-    return _validate(_merge(spec_to_dict(Spec()), tree), origin)
+    spec = _validate(_merge(spec_to_dict(Spec()), tree), origin)
+    if spec.cluster.min_workers and spec.cluster.min_workers > spec.cluster.num_workers:
+        raise SpecError(f"cluster.min_workers must be <= cluster.num_workers ({spec.cluster.num_workers}), got "
+                        f"{spec.cluster.min_workers} (in {origin})")
+    return spec
 
 
 def check_value(dotted: str, value: Any, origin: str) -> Any:

@@ -12,6 +12,25 @@ Ray's own ray-schema.json; the Dockerfile; `bash -n` on the scripts; the README 
 The KubeRay field lists come from the Go types of KubeRay 1.6.0 (ray-operator/apis/ray/v1), the
 oldest operator these manifests support.  tests/test_infra.py runs this on the real files and on
 broken copies of them, so that each check is seen to fail.
+
+Workers.  A job runs cluster.workers_range = (cluster.min_workers, cluster.num_workers) Ray Train
+workers of 1 GPU each; it is elastic when the first is smaller.  A GPU group's GPUs at a count are
+the sum over groups that limit nvidia.com/gpu of count x GPUs per pod x numOfHosts.  The rules:
+  - an elastic job has cluster.max_failures >= 1 (in Ray Train 2.60 a lost worker or node fails the
+    worker group: with 0 the run ends instead of going on with fewer workers), and its cluster has
+    enableInTreeAutoscaling: true;
+  - a cluster of the job's own (RayJob, RayCronJob) has, at minReplicas, exactly cluster.min_workers
+    GPUs and, at maxReplicas, exactly cluster.num_workers: the floor the autoscaler keeps is the
+    fewest the run goes on with, and a GPU above the most would never be used (so GPU replicas vary
+    only for an elastic job, and the rule above gives them the autoscaler, without which KubeRay
+    keeps `replicas` pods and ignores the range);
+  - a shared cluster (the RayCluster that the CronJob submits to) holds cluster.num_workers GPUs at
+    maxReplicas (at replicas without autoscaling); its minReplicas is free: it scales from 0 between
+    runs;
+  - the launcher's GPU node types (GPU instances; resources.GPU per node where set, else 1) hold the
+    largest cluster.num_workers of the jobs above at their max_workers, the top-level max_workers
+    (default 2) allows as many nodes, and each type has min_workers <= max_workers; their
+    min_workers is free, as for the shared RayCluster.
 """
 from __future__ import annotations
 
@@ -96,6 +115,7 @@ class Context(NamedTuple):
     ray: str  # the ray== pin of constraints.txt
     project: str  # charnn's version, in the image tag
     cluster: dict  # the long-lived RayCluster, that the CronJob submits to
+    largest: int = 0  # the most workers (cluster.num_workers) of any cluster job here
 
 
 # ---------------------------------------------------------------- reading documents
@@ -152,6 +172,7 @@ def check(infra: Path = INFRA, repo: Path = REPO) -> list[str]:
     problems += unreadable + check_inventory(infra, docs)
     clusters = [d for ds in docs.values() for d in ds if isinstance(d, dict) and d.get("kind") == "RayCluster"]
     ctx = Context(repo, ray, project, clusters[0] if clusters else {})
+    ctx = ctx._replace(largest=largest_job(docs, ctx))
     for path in text_files(infra):
         rel = path.relative_to(infra).as_posix()
         problems += [f"infra/{rel}: {p}" for p in check_file(path, rel, ctx)]
@@ -214,7 +235,7 @@ def check_doc(rel: str, doc: dict, ctx: Context) -> list[str]:
     if rel == "kuberay/operator-values.yaml":
         problems += check_operator_values(doc)
     elif rel == "cluster-launcher/aws.yaml":
-        problems += check_launcher(doc)
+        problems += check_launcher(doc, ctx.largest)
     elif kind == "ServiceAccount":
         problems += check_service_account(doc)
     elif kind == "RayCluster":
@@ -298,36 +319,80 @@ def check_submission(doc: dict, ctx: Context) -> list[str]:
     argv, script = commands[0], RUNS[doc["kind"]]
     right = argv[1] == script or argv[1].endswith("/" + script)
     problems = [] if right else [f"{where}: runs {argv[1]}, should run {script}"]
-    return problems + check_job_command(argv, ctx.repo, cluster or {})
+    return problems + check_job_command(argv, ctx.repo, cluster or {}, doc["kind"] != "CronJob")
 
 
-def check_job_command(argv: list[str], repo: Path, cluster: dict) -> list[str]:
-    """A cluster job's command: its spec loads with its --set values, every path it reads or writes
-    is shared storage, and it fits the GPU group of `cluster` (a RayCluster spec, or {})."""
+def load_job_spec(argv: list[str], repo: Path) -> tuple[str, Any, list[str]]:
+    """A job command's script, its spec loaded with its --set values (None where it does not load),
+    and the problem, if any."""
     script, spec_path, overrides = job_arguments(argv)
     if spec_path is None:
-        return [f"{script}: no --spec"]
+        return script, None, [f"{script}: no --spec"]
     path = repo / spec_path.removeprefix(IMAGE_ROOT)
     if not path.is_file():
-        return []  # check_referenced_files reports it
+        return script, None, []  # check_referenced_files reports it
     try:
-        spec = load_spec(str(path), overrides)
+        return script, load_spec(str(path), overrides), []
     except SpecError as exc:
-        return [f"{script}: the spec does not load: {exc}"]
+        return script, None, [f"{script}: the spec does not load: {exc}"]
+
+
+def largest_job(docs: dict[str, list[Any]], ctx: Context) -> int:
+    """The most GPU workers (cluster.num_workers) that a cluster job here asks for; 0 when none loads."""
+    most = 0
+    for doc in (d for ds in docs.values() for d in ds if isinstance(d, dict) and d.get("kind") in RUNS):
+        commands = python_commands(submission(doc, ctx.cluster)[1])
+        spec = load_job_spec(commands[0], ctx.repo)[1] if len(commands) == 1 else None
+        most = max(most, spec.cluster.num_workers if spec is not None and spec.cluster.use_gpu else 0)
+    return most
+
+
+def check_job_command(argv: list[str], repo: Path, cluster: dict, own: bool) -> list[str]:
+    """A cluster job's command: its spec loads with its --set values, every path it reads or writes
+    is shared storage, and it fits the GPU group of `cluster` (a RayCluster spec, or {}; `own`: the
+    job's own cluster, else a shared one)."""
+    script, spec, problems = load_job_spec(argv, repo)
+    if spec is None:
+        return problems
     shared = [("run.storage", spec.run.storage), ("data.dataset_root", spec.data.dataset_root)]
     problems = [f"{script}: {key} {value!r} is not shared storage (a URL such as s3://...)"
-                for key, value in shared + [("data.sources", s) for s in spec.data.sources] if "://" not in value]
+                for key, value in shared + [("data.sources", s) for s in spec.data.sources]
+                if "://" not in value or value.startswith("file://")]
+    fewest, most = spec.cluster.workers_range
+    if fewest < most and spec.cluster.max_failures < 1:
+        problems.append(f"{script}: elastic (cluster.min_workers {fewest} < cluster.num_workers {most}) needs "
+                        f"cluster.max_failures >= 1: in Ray Train a lost worker fails the worker group")
     if not cluster:
         return problems
     if not spec.cluster.use_gpu:
         return problems + [f"{script}: runs on a GPU group but cluster.use_gpu is false"]
-    groups, capacity = gpu_groups(cluster), gpu_capacity(cluster)
-    if spec.cluster.num_workers > capacity:
-        problems.append(f"{script}: cluster.num_workers {spec.cluster.num_workers} > the GPU group's {capacity} GPUs")
+    problems += check_workers(script, spec.cluster.workers_range, cluster, own)
+    groups = gpu_groups(cluster)
     pod_cpus = cpus(groups[0]) if groups else None
     if pod_cpus is not None and spec.cluster.cpus_per_worker > pod_cpus:
         problems.append(f"{script}: cluster.cpus_per_worker {spec.cluster.cpus_per_worker:g} > the GPU pod's "
                         f"{pod_cpus:g} CPUs")
+    return problems
+
+
+def check_workers(script: str, workers: tuple[int, int], cluster: dict, own: bool) -> list[str]:
+    """A job's (min_workers, num_workers) against the GPU groups of the cluster that runs it: exactly
+    minReplicas and maxReplicas for a cluster of its own, within a shared one (see the module docstring)."""
+    (fewest, most), problems = workers, []
+    if fewest < most and cluster.get("enableInTreeAutoscaling") is not True:
+        problems.append(f"{script}: elastic (cluster.min_workers {fewest} < cluster.num_workers {most}) needs "
+                        f"enableInTreeAutoscaling: true (without it KubeRay keeps `replicas` GPU pods)")
+    if not own:
+        capacity = gpu_capacity(cluster)
+        return problems + ([f"{script}: cluster.num_workers {most} > the GPU group's {capacity} GPUs"]
+                           if most > capacity else [])
+    floor, ceiling = gpu_count(cluster, "minReplicas"), gpu_count(cluster, "maxReplicas")
+    if floor != fewest:
+        problems.append(f"{script}: the GPU group has {floor} GPUs at minReplicas, should have cluster.min_workers "
+                        f"{fewest} (the fewest workers the run goes on with; null: cluster.num_workers)")
+    if ceiling != most:
+        problems.append(f"{script}: the GPU group has {ceiling} GPUs at maxReplicas, should have "
+                        f"cluster.num_workers {most} (one worker per GPU)")
     return problems
 
 
@@ -484,10 +549,14 @@ def gpu_groups(cluster_spec: dict) -> list[dict]:
     return [g for g in cluster_spec.get("workerGroupSpecs") or [] if isinstance(g, dict) and gpus(g) > 0]
 
 
+def gpu_count(cluster_spec: dict, key: str) -> int:
+    """The GPUs of the cluster's GPU groups at their `key` (replicas, minReplicas or maxReplicas)."""
+    return sum(int(g.get(key) or 0) * gpus(g) * int(g.get("numOfHosts") or 1) for g in gpu_groups(cluster_spec))
+
+
 def gpu_capacity(cluster_spec: dict) -> int:
     """GPUs a job can get: maxReplicas when the cluster autoscales, else replicas."""
-    key = "maxReplicas" if cluster_spec.get("enableInTreeAutoscaling") else "replicas"
-    return sum(int(g.get(key) or 0) * gpus(g) * int(g.get("numOfHosts") or 1) for g in gpu_groups(cluster_spec))
+    return gpu_count(cluster_spec, "maxReplicas" if cluster_spec.get("enableInTreeAutoscaling") else "replicas")
 
 
 def check_pod(spec: dict, where: str) -> list[str]:
@@ -702,13 +771,14 @@ def ray_launcher_schema() -> dict | None:
     return json.loads((Path(list(found.submodule_search_locations)[0]) / "autoscaler" / "ray-schema.json").read_text())
 
 
-def check_launcher(config: dict) -> list[str]:
+def check_launcher(config: dict, largest: int = 0) -> list[str]:
+    """Ray's schema, then the nodes, and room for `largest` GPU workers (the largest job here)."""
     schema = ray_launcher_schema()
     if schema is None:
         return ["ray is not installed: no ray-schema.json to check against (make install)"]
     problems = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
                 for e in jsonschema.Draft7Validator(schema).iter_errors(config)]
-    return problems or check_launcher_nodes(config)
+    return problems or check_launcher_nodes(config) + check_launcher_range(config, largest)
 
 
 def check_launcher_nodes(config: dict) -> list[str]:
@@ -732,6 +802,27 @@ def check_launcher_nodes(config: dict) -> list[str]:
         problems.append("docker.image: the charnn image")
     if "--env RAY_AUTH_MODE=token" not in docker.get("run_options", []):
         problems.append("docker.run_options: --env RAY_AUTH_MODE=token (token auth)")
+    return problems
+
+
+def check_launcher_range(config: dict, largest: int) -> list[str]:
+    """The GPU node types' min_workers <= max_workers, and room at max_workers for `largest` workers."""
+    limit, head = config.get("max_workers", 2), config.get("head_node_type")  # 2: Ray's default for AWS
+    types = {name: node for name, node in (config.get("available_node_types") or {}).items()
+             if name != head and GPU_INSTANCE.match(str(get(node, "node_config", "InstanceType")))}
+    most = {name: node.get("max_workers", limit) for name, node in types.items()}  # Ray's default: the limit
+    problems = [f"{name}: min_workers {node.get('min_workers', 0)} > max_workers {most[name]}"
+                for name, node in types.items() if node.get("min_workers", 0) > most[name]]
+    if not types or not largest:
+        return problems
+    per_node = {name: int(get(node, "resources", "GPU", default=1)) for name, node in types.items()}
+    room = sum(most[name] * per_node[name] for name in types)
+    if room < largest:
+        problems.append(f"the GPU node types hold {room} GPUs at max_workers, fewer than the largest job's "
+                        f"cluster.num_workers {largest}")
+    nodes = math.ceil(largest / max(1, *per_node.values()))
+    if limit < nodes:
+        problems.append(f"max_workers {limit}: the largest job's cluster.num_workers {largest} needs {nodes} GPU nodes")
     return problems
 
 

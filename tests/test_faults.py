@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from support.env import FAST_TRAIN_ENV, REPO
-from support.jobs import SMOKE_ROWS, tb_losses, train_smoke
+from support.jobs import SMOKE_ROWS, same_run, train_smoke
 from support.servers import FlakyProxy
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
@@ -78,19 +78,6 @@ def resumed_at(output: str, name: str) -> list[int]:
     return [int(s) for s in re.findall(rf"resumed {re.escape(name)} at step (\d+)/", output)]
 
 
-def same_run(root: Path, name: str, result: dict, uninterrupted: dict) -> float:
-    """Assert that run ``name`` ended as the uninterrupted run did; returns the final-loss difference."""
-    full, ours = tb_losses(root, "two-workers"), tb_losses(root, name)
-    assert sorted(ours) == list(range(1, STEPS + 1))
-    for step in full:
-        assert ours[step] == pytest.approx(full[step], rel=1e-5), step
-    saved = torch.load(f"{result['checkpoint']}/model.pt", weights_only=True)
-    reference = torch.load(f"{uninterrupted['checkpoint']}/model.pt", weights_only=True)
-    for key, tensor in reference["model"].items():
-        torch.testing.assert_close(saved["model"][key], tensor, rtol=1e-5, atol=1e-7)
-    return abs(result["val_loss"] - uninterrupted["val_loss"])
-
-
 @pytest.fixture(scope="module")
 def killed(root, tmp_path_factory) -> tuple:
     """A run whose workers are SIGKILLed after step 15 and while saving the checkpoint of step 20."""
@@ -108,7 +95,7 @@ def test_workers_killed_mid_step_and_mid_checkpoint_are_restarted_and_resume(roo
     assert resumes == [10, 10], proc.stdout[-3000:]
     recomputed = [15 - 10, 20 - 10]
     assert max(recomputed) <= EVERY
-    diff = same_run(root, "killed", result, uninterrupted)
+    diff = same_run(root, "killed", result, ("two-workers", uninterrupted), STEPS)
     record_property("fault", {"fault": "SIGKILL a worker (mid-step, mid-checkpoint)", "injected": 2,
                               "recoveries": len(resumes), "steps recomputed": sum(recomputed),
                               "final loss vs uninterrupted": f"{diff:.1e}"})
@@ -127,7 +114,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(root, uninterr
     proc, result = train_smoke(root, "damaged", 2, STEPS, "--set", f"train.checkpoint_every={EVERY}", cluster=ray_cluster)
     assert f"skipping checkpoint {newest}: {carry.name} does not match its checksum" in proc.stderr
     assert f"checkpoint {newest.name} is damaged" in proc.stdout and resumed_at(proc.stdout, "damaged") == [20]
-    diff = same_run(root, "damaged", result, uninterrupted)
+    diff = same_run(root, "damaged", result, ("two-workers", uninterrupted), STEPS)
     record_property("fault", {"fault": "truncated file in the newest checkpoint", "injected": 1, "recoveries": 1,
                               "steps recomputed": STEPS - 20, "final loss vs uninterrupted": f"{diff:.1e}"})
 
@@ -185,7 +172,7 @@ def test_a_stopped_job_resubmitted_resumes(root, uninterrupted, tmp_path, ray_cl
     status, logs, result = ray_cluster.submit("train.py", *args)  # the same command again
     assert status == 0 and result["steps"] == STEPS, logs[-3000:]
     assert resumed_at(logs, "stopped") == [20]
-    diff = same_run(root, "stopped", result, uninterrupted)
+    diff = same_run(root, "stopped", result, ("two-workers", uninterrupted), STEPS)
     record_property("fault", {"fault": "`ray job stop`, then the same job again", "injected": 1, "recoveries": 1,
                               "steps recomputed": 0, "final loss vs uninterrupted": f"{diff:.1e}"})
 
@@ -240,7 +227,7 @@ def test_another_ray_cluster_on_the_machine_cannot_end_a_run(root, uninterrupted
             other.stop()
     assert job.returncode == 0 and "placement group was removed" not in err, err[-3000:]
     result = __import__("json").loads(out.strip().splitlines()[-1])
-    diff = same_run(root, "two-rays", result, uninterrupted)
+    diff = same_run(root, "two-rays", result, ("two-workers", uninterrupted), STEPS)
     record_property("fault", {"fault": "another Ray cluster on the machine answers Ray Train's liveness check",
                               "injected": 1, "recoveries": "none needed", "steps recomputed": 0,
                               "final loss vs uninterrupted": f"{diff:.1e}"})
@@ -311,6 +298,6 @@ def test_a_driver_killed_outright_and_submitted_again_resumes_its_run_alone(root
     # the killed job's paused rank wakes 15 s after the kill: had it lived on, it would have saved step 30 too
     saved = sorted(p.name.split("_")[1] for p in (root / "runs" / "driver-killed").glob("checkpoint_*") if p.is_dir())
     assert saved == ["000000010", "000000020", "000000030"], saved
-    diff = same_run(root, "driver-killed", result, uninterrupted)
+    diff = same_run(root, "driver-killed", result, ("two-workers", uninterrupted), STEPS)
     record_property("fault", {"fault": "driver SIGKILLed, the same job submitted again at once", "injected": 1,
                               "recoveries": 1, "steps recomputed": 0, "final loss vs uninterrupted": f"{diff:.1e}"})

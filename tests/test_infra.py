@@ -36,6 +36,15 @@ def sub(old: str, new: str) -> Callable[[str], str]:
     return change
 
 
+def chain(*changes: Callable[[str], str]) -> Callable[[str], str]:
+    """Several changes to one file, in order."""
+    def change(text: str) -> str:
+        for one in changes:
+            text = one(text)
+        return text
+    return change
+
+
 def add(extra: str) -> Callable[[str], str]:
     return lambda text: text + extra
 
@@ -93,7 +102,39 @@ CASES = [
     ("local-sources", CJ, sub("[s3://my-bucket/corpora/shakespeare/]", "[corpus:shakespeare]"),
      ["data.sources 'corpus:shakespeare' is not shared"]),
     ("use-gpu-false", RCJ, sub("cluster.use_gpu=true", "cluster.use_gpu=false"), ["cluster.use_gpu is false"]),
-    ("more-workers-than-gpus", RJ, sub("num_workers=2", "num_workers=8"), ["num_workers 8 > the GPU group's 2"]),
+    ("more-workers-than-gpus", RJ, sub("num_workers=2", "num_workers=3"),
+     ["2 GPUs at maxReplicas, should have cluster.num_workers 3"]),
+    ("file-url-storage", RJ, sub("run.storage=s3://my-bucket/charnn/runs", "run.storage=file:///mnt/runs"),
+     ["run.storage 'file:///mnt/runs' is not shared storage"]),
+    # workers: elastic jobs, the GPU groups' replicas, the launcher's node types
+    ("min-replicas-not-min-workers", RJ, sub("minReplicas: 1  #", "minReplicas: 2  #"),
+     ["2 GPUs at minReplicas, should have cluster.min_workers 1"]),
+    ("max-replicas-over-num-workers", RCJ, sub("maxReplicas: 2  #", "maxReplicas: 3  #"),
+     ["3 GPUs at maxReplicas, should have cluster.num_workers 2"]),
+    ("not-elastic-varying-replicas", RJ, sub("--set cluster.min_workers=1\n", ""),
+     ["1 GPUs at minReplicas, should have cluster.min_workers 2"]),
+    ("min-workers-over-num-workers", RJ, sub("min_workers=1", "min_workers=3"), ["the spec does not load"]),
+    ("elastic-no-retries", RJ, sub("max_failures=3", "max_failures=0"), ["needs cluster.max_failures >= 1"]),
+    ("elastic-default-retries", RCJ, sub("\n      --set cluster.max_failures=3", ""),
+     ["needs cluster.max_failures >= 1"]),
+    ("elastic-no-autoscaling", RJ, spec(lambda s: s["rayClusterSpec"].update(enableInTreeAutoscaling=False)),
+     ["needs enableInTreeAutoscaling: true"]),
+    ("elastic-raycronjob-no-autoscaling", RCJ, spec(lambda s: s["rayClusterSpec"].pop("enableInTreeAutoscaling")),
+     ["needs enableInTreeAutoscaling: true"]),
+    ("elastic-on-shared-cluster", CJ, sub("max_failures=3 &", "max_failures=3 --set cluster.min_workers=1 &"), []),
+    ("elastic-on-shared-cluster-no-retries", CJ,
+     sub("max_failures=3 &", "max_failures=0 --set cluster.min_workers=1 &"), ["needs cluster.max_failures >= 1"]),
+    ("launcher-too-few-gpus", AWS, sub("max_workers: 4  # the largest", "max_workers: 1  # the largest"),
+     ["hold 1 GPUs at max_workers, fewer than the largest job's cluster.num_workers 2"]),
+    ("launcher-cluster-limit", AWS, sub("max_workers: 4\nupscaling", "max_workers: 1\nupscaling"),
+     ["max_workers 1: the largest job's cluster.num_workers 2 needs 2 GPU nodes"]),
+    ("launcher-min-over-max", AWS, sub("min_workers: 0  #", "min_workers: 5  #"), ["min_workers 5 > max_workers 4"]),
+    ("launcher-multi-gpu-nodes", AWS, doc(lambda d: d["available_node_types"]["ray.worker.gpu"].update(
+        max_workers=1, resources={"GPU": 2})), []),
+    ("launcher-under-largest-job", RJ,
+     chain(sub("num_workers=2", "num_workers=6"), sub("maxReplicas: 2", "maxReplicas: 6")),
+     ["the GPU node types hold 4 GPUs at max_workers, fewer than the largest job's cluster.num_workers 6",
+      "max_workers 4: the largest job's cluster.num_workers 6 needs 6 GPU nodes"]),
     ("cluster-too-small", RC, sub("maxReplicas: 4", "maxReplicas: 1"), ["cluster.num_workers 2 > the GPU group's 1"]),
     ("more-cpus-than-pod", CJ, sub("cpus_per_worker=4", "cpus_per_worker=8"), ["cpus_per_worker 8 > the GPU pod's 7"]),
     # versions

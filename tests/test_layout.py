@@ -55,8 +55,9 @@ def test_each_shard_belongs_to_one_worker_and_shards_cover_every_step(case, shar
 def test_too_small_corpus_and_uneven_workers_are_clear_errors():
     with pytest.raises(LayoutError, match="too small for one step"):
         plan_rows(100, 10, 10)
-    with pytest.raises(LayoutError, match="multiple of cluster.num_workers"):
-        worker_rows(10, 3, 0)
+    with pytest.raises(LayoutError, match="each worker needs a row"):
+        worker_rows(2, 3, 0)
+    assert [worker_rows(10, 3, w) for w in range(3)] == [range(0, 4), range(4, 7), range(7, 10)]
     with pytest.raises(LayoutError, match="validation split"):
         validation_rows(5, 8, 10, 2)
     assert validation_rows(1000, 8, 10, 2) == 8

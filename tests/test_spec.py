@@ -297,6 +297,8 @@ def test_unsafe_yaml_tag_is_rejected_not_executed(tmp_path):
     ("train: {min_lr_ratio: 1.5}", "train.min_lr_ratio must be <= 1, got 1.5"),
     ("run: {name: 'my run'}", "run.name must match [A-Za-z0-9._-]+, got 'my run'"),
     ("run: {name: ''}", "run.name must match [A-Za-z0-9._-]+"),
+    ("cluster: {num_workers: 2, min_workers: 3}", "cluster.min_workers must be <= cluster.num_workers (2), got 3"),
+    ("cluster: {min_workers: 0}", "cluster.min_workers must be > 0, got 0"),
 ])
 def test_constraint_violations(tmp_path, extra, expect):
     # A second `data:` key would be a duplicate key, so data's cases bring their own sources.

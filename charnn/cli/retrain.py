@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
+from charnn.cli.runtime import init_ray, job_spec, execute, require_cluster
 from charnn.config import Spec, dump_spec
 from charnn.errors import CharnnError
 from charnn.data.alphabet import alphabet_size
@@ -220,7 +220,7 @@ def run() -> dict:
     spec = job_spec(__doc__)
     registry = ModelRegistry(join(spec.run.storage, "models", spec.retrain.model), Store.of(spec.storage))
     # Ray first: a cluster that is slow to answer or short of workers keeps no other retrain out
-    require_workers(spec.cluster, init_ray(spec.cluster.connect_timeout_s))
+    require_cluster(spec, init_ray(spec.cluster.connect_timeout_s))
     with registry.lease(spec.retrain.lease_minutes * 60) as lease:
         result = retrain(spec, registry, lease)
         return {**result, "gc": _collect(spec, registry, lease)}

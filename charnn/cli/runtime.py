@@ -68,8 +68,42 @@ def init_ray(timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
         if watchdog is not None:
             watchdog.cancel()
     protect_token()
+    fold_worker_tracebacks()
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return not address
+
+
+def fold_worker_tracebacks() -> None:
+    """Print the tracebacks in the logs Ray forwards from its workers and actors as their last line.
+    A lost node or an elastic resize makes Ray Train's workers and controller log a traceback or
+    four, which the job's log would show as a crash; the run goes on, and says so in its own lines.
+    The full text stays in the Ray session's log files (and the dashboard);
+    CHARNN_WORKER_TRACEBACKS=1 prints it on the driver too."""
+    try:  # Ray's own hook (2.60): without it, the logs are printed as they come
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    if os.environ.get("CHARNN_WORKER_TRACEBACKS") == "1":
+        return
+    for name, handle in list(getattr(dispatcher, "handlers", ())):
+        if name == "ray_print_logs":  # the handler ray.init(log_to_driver=True) adds
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, lambda batch, handle=handle: handle(
+                {**batch, "lines": fold_tracebacks(batch.get("lines", []))}))
+
+
+def fold_tracebacks(lines: list[str]) -> list[str]:
+    """``lines`` with each Python traceback cut to its last line (the exception)."""
+    kept, inside = [], False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)"):
+            inside = True
+        elif inside and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        else:
+            inside = False
+            kept.append(line)
+    return kept
 
 
 class RayUnavailable(Unavailable):
@@ -156,12 +190,20 @@ def protect_token() -> None:
                 path.chmod(mode)
 
 
+def require_cluster(spec: Spec, embedded: bool) -> None:
+    """Refuse, before any work, a cluster that cannot run the spec's training job."""
+    require_workers(spec.cluster, embedded)
+    require_shared_storage(spec, embedded)
+
+
 def require_workers(cluster, embedded: bool) -> None:
-    """Fail fast when the cluster cannot place the spec's workers, where Ray Train would wait
-    for them forever; a remote cluster may autoscale, so it gets cluster.resource_timeout_s."""
+    """Fail fast when the cluster cannot place the spec's workers (the fewest, for an elastic run),
+    where Ray Train would wait for them forever; a remote cluster may autoscale, so it gets
+    cluster.resource_timeout_s."""
     import ray
 
-    need = {"CPU": cluster.num_workers * cluster.cpus_per_worker, "GPU": cluster.num_workers if cluster.use_gpu else 0}
+    workers = cluster.workers_range[0]
+    need = {"CPU": workers * cluster.cpus_per_worker, "GPU": workers if cluster.use_gpu else 0}
     deadline = time.monotonic() + (0 if embedded else cluster.resource_timeout_s)
     while True:
         have = ray.cluster_resources()
@@ -171,10 +213,30 @@ def require_workers(cluster, embedded: bool) -> None:
         wants = ", ".join(f"{v} {k} (it has {have.get(k, 0):g})" for k, v in short.items())
         if time.monotonic() >= deadline:
             fix = "set cluster.use_gpu=false or use a cluster with GPUs" if "GPU" in short else \
-                "lower cluster.num_workers or cluster.cpus_per_worker"
-            raise ClusterError(f"the cluster cannot place {cluster.num_workers} workers: they need {wants}; {fix}")
+                "lower cluster.num_workers (or cluster.min_workers) or cluster.cpus_per_worker"
+            raise ClusterError(f"the cluster cannot place {workers} workers: they need {wants}; {fix}")
         logging.getLogger("charnn").info("waiting for the cluster to offer %s", wants)
         time.sleep(5)
+
+
+def require_shared_storage(spec: Spec, embedded: bool) -> None:
+    """Refuse local paths for what every node reads or writes (the run, the dataset, the corpus) on
+    a cluster of more than one node, unless the spec says they are on storage every node mounts:
+    they would fail late, as files missing on another node."""
+    import ray
+
+    if embedded or spec.storage.shared_path:
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes < 2:
+        return
+    paths = [("run.storage", spec.run.storage), ("data.dataset_root", spec.data.dataset_root),
+             *(("data.sources", source) for source in spec.data.sources)]
+    for key, url in paths:
+        if "://" not in url or url.startswith("file://"):
+            raise ClusterError(f"{key}={redact(url)} is a local path, but the cluster has {nodes} nodes, which cannot "
+                               f"read each other's disks; use an s3:// or gs:// URL, or --set storage.shared_path=true "
+                               f"if every node mounts it at the same path")
 
 
 def print_result(result: dict) -> None:

@@ -1,7 +1,7 @@
 """Tokenise a spec's corpus into row shards: python -m charnn.cli.tokenize --spec PATH [--set k=v ...]"""
 
 
-from charnn.cli.runtime import init_ray, job_spec, execute
+from charnn.cli.runtime import init_ray, job_spec, execute, require_shared_storage
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.dataset import load_manifest
 from charnn.storage import Store
@@ -9,7 +9,7 @@ from charnn.storage import Store
 
 def run() -> dict:
     spec = job_spec(__doc__)
-    init_ray()
+    require_shared_storage(spec, init_ray())
     url = build_dataset(DatasetRequest.from_spec(spec))
     manifest = load_manifest(url, Store.of(spec.storage))
     return {"dataset": url, "version": manifest.version, "segments": len(manifest.segments),

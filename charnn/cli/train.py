@@ -10,7 +10,7 @@ job trains a run, another job of the same run exits with status 75 and writes no
 
 import yaml
 
-from charnn.cli.runtime import init_ray, job_spec, execute, require_workers
+from charnn.cli.runtime import init_ray, job_spec, execute, require_cluster
 from charnn.config import Spec, dump_spec
 from charnn.data.build import DatasetRequest, build_dataset, dataset_directory
 from charnn.data.dataset import VERSIONS, DatasetError, load_manifest
@@ -25,7 +25,7 @@ from charnn.train.launch import check_resume, fit, run_lease
 def run() -> dict:
     spec = job_spec(__doc__)
     checked = _checked_resume(spec)  # a resume of another model or other settings is refused before Ray starts
-    require_workers(spec.cluster, init_ray(spec.cluster.connect_timeout_s))
+    require_cluster(spec, init_ray(spec.cluster.connect_timeout_s))
     with run_lease(spec) as lease:  # from here on this job alone reads, resumes and writes the run
         if checkpoint_names(_run_url(spec), Store.of(spec.storage)) != checked[0]:
             checked = _checked_resume(spec)  # another job wrote checkpoints meanwhile
@@ -99,6 +99,7 @@ def _report(spec: Spec, dataset: str, checkpoint: str) -> dict:
         "checkpoint": checkpoint, "steps": metrics["step"], "epoch": metrics["epoch"],
         "first_loss": metrics["first_loss"], "train_loss": metrics["train_loss"], "val_loss": metrics["val_loss"],
         "val_accuracy": metrics["val_accuracy"], "tokens_per_s": metrics["tokens_per_s"],
+        "workers": payload.get("history", {}).get("workers"),  # [[first step, workers], ...]: each stretch's group
     }
 
 

@@ -3,9 +3,12 @@
 A split's token stream of N tokens is laid out as R rows of L = ((N-1) // (R*T)) * T
 inputs.  Row r holds ``stream[r*L : r*L + L + 1]`` (L inputs plus one look-ahead
 target), so it continues exactly where row r-1 ended, and step s of every row is the
-window ``[s*T, s*T + T + 1)`` of that row.  Worker w owns rows [w*B, (w+1)*B) with
-B = R / W.  A shard holds, for one worker, a run of consecutive steps of all its rows:
-a reader streams its shards in order and never touches another worker's files.
+window ``[s*T, s*T + T + 1)`` of that row.  Worker w of W owns a contiguous run of the R
+rows, R // W of them or one more (the first R % W workers), so that any W up to R can
+train the same rows.  A shard holds, for one worker of the W the dataset was laid out
+for, a run of consecutive steps of all its rows: a reader of that many workers streams
+its own shards in order; one of another group (elastic training) reads its rows from
+whichever shards hold them.
 """
 from __future__ import annotations
 
@@ -51,16 +54,22 @@ def plan_rows(num_tokens: int, rows: int, seq_len: int) -> Layout:
 
 
 def worker_rows(rows: int, world: int, rank: int) -> range:
-    """The global rows that worker ``rank`` of ``world`` owns."""
-    if world <= 0 or rows % world:
-        raise LayoutError(
-            f"{rows} rows cannot be split evenly over {world} workers; make the row count "
-            f"a multiple of cluster.num_workers"
-        )
+    """The global rows that worker ``rank`` of ``world`` owns: as even a split as there is (the
+    first ``rows % world`` workers hold one row more), each worker's rows contiguous and in rank order."""
+    if not 0 < world <= rows:
+        raise LayoutError(f"{rows} rows cannot be split over {world} workers; each worker needs a row: "
+                          f"lower cluster.num_workers or raise train.batch_per_worker")
     if not 0 <= rank < world:
         raise LayoutError(f"rank {rank} outside 0..{world - 1}")
-    per_worker = rows // world
-    return range(rank * per_worker, (rank + 1) * per_worker)
+    per_worker, extra = divmod(rows, world)
+    start = rank * per_worker + min(rank, extra)
+    return range(start, start + per_worker + (rank < extra))
+
+
+def loss_weight(rows: int, world: int, rank: int) -> float:
+    """What a rank's mean loss is multiplied by so that the mean over ranks (what DDP's gradient
+    averaging computes) is the mean over all rows' tokens: 1 when ``world`` divides ``rows``."""
+    return len(worker_rows(rows, world, rank)) * world / rows
 
 
 def validation_rows(num_tokens: int, max_rows: int, seq_len: int, world: int) -> int:

@@ -63,8 +63,9 @@ class RayContext:
 
 @dataclass
 class LocalContext:
-    """One process and no Ray: a checkpoint is copied into the run directory, as Ray Train would
-    upload it, and the reports are kept in ``reports``."""
+    """No Ray: one process, or one rank of a torch.distributed group that its caller set up; a
+    checkpoint is copied into the run directory, as Ray Train would upload it (every rank's files
+    into one directory), and the reports are kept in ``reports``."""
 
     run_url: str
     store: Store = field(default_factory=Store)
@@ -84,4 +85,7 @@ class LocalContext:
                     self.store.write(join(self.run_url, name, file), f.read())
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+        """DDP when this process is one rank of a torch.distributed group (tests of W ranks without Ray)."""
+        import torch.distributed as dist
+
+        return torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model

@@ -6,8 +6,9 @@
 ``kill-in-checkpoint@S[:R]`` does so while it writes the checkpoint of step S, after its
 files are saved and before Ray Train has them; ``raise@S[:R]`` raises an error after step S;
 ``pause@S[:R]`` sleeps CHARNN_FAULT_PAUSE_S seconds (default: an hour) once step S is done,
-checkpoint included, so that a test can stop the job or the store at a known point.
-Each fault fires once: a marker in CHARNN_FAULT_DIR remembers it across worker restarts.
+checkpoint included, so that a test can stop the job, the store or the worker's node at a known
+point.  Each fault fires once: a marker in CHARNN_FAULT_DIR remembers it across worker restarts;
+it holds the pid of the worker that fired it (a test finds the paused worker's node by it).
 Unset, this costs one dictionary lookup per call.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ def inject(point: str, step: int, rank: int) -> None:
             continue
         marker = os.path.join(os.environ["CHARNN_FAULT_DIR"], fault.strip().replace("@", "-").replace(":", "-"))
         try:
-            open(marker, "x").close()
+            with open(marker, "x") as f:
+                f.write(str(os.getpid()))
         except FileExistsError:
             continue  # fired before this restart
         if kind == "raise":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -17,6 +18,7 @@ from charnn.train.checkpointer import RunDirectory
 from charnn.train.trainer import train_loop_per_worker
 
 
+GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train passes it on to its controller
 RUN_LEASE_S = 60.0  # a driver that dies on another machine keeps its run from others this long at most
 
 
@@ -30,6 +32,7 @@ def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None, lea
     its workers write checkpoints only while the run's newest lease is ``lease`` (when given)."""
     storage_path, storage_filesystem = Store.of(spec.storage).for_ray(spec.run.storage)
     resources = {"CPU": spec.cluster.cpus_per_worker}
+    fewest, most = spec.cluster.workers_range
     return TorchTrainer(
         train_loop_per_worker,
         # Ray records this config and serves it on the dashboard: the spec with credentials masked
@@ -37,8 +40,9 @@ def make_trainer(spec: Spec, dataset_url: str, init_from: str | None = None, lea
         train_loop_config={"spec": redacted_dict(spec), "dataset": dataset_url, "init_from": init_from,
                            "run_lease": lease},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(  # elastic: a group of any size in [fewest, most] trains the same rows
+            num_workers=(fewest, most) if fewest < most else most, use_gpu=spec.cluster.use_gpu,
+            resources_per_worker=resources, elastic_resize_monitor_interval_s=spec.cluster.resize_interval_s,
         ),
         run_config=RunConfig(
             name=spec.run.name,
@@ -57,6 +61,7 @@ def fit(spec: Spec, dataset_url: str, init_from: str | None = None, lease: Lease
     run_url = join(spec.run.storage, spec.run.name)
     store = Store.of(spec.storage)
     set_aside_unusable_ray_snapshot(run_url, store)
+    os.environ[GROUP_START_TIMEOUT] = f"{spec.cluster.start_timeout_s:g}"  # the controller reads the driver's
     try:
         result = make_trainer(spec, dataset_url, init_from, lease and lease.number).fit()
     except TrainingFailedError as exc:  # Ray 2.60 raises what earlier versions returned as result.error

@@ -197,8 +197,8 @@ class MetricsLogger:
     """The run's progress and validation lines and their records, at the spec's cadence: every
     rank takes part in the means, rank 0 prints and writes."""
 
-    def __init__(self, run_log: RunLog | None, every: int, total: int | None, clock: TrainClock):
-        self.run_log, self.every, self.total, self.clock = run_log, every, total, clock
+    def __init__(self, run_log: RunLog | None, every: int, total: int | None, clock: TrainClock, workers: int = 1):
+        self.run_log, self.every, self.total, self.clock, self.workers = run_log, every, total, clock, workers
         self.interval = Interval(clock)
 
     def should_log(self, step: int, last: bool) -> bool:
@@ -211,11 +211,12 @@ class MetricsLogger:
             eta = (self.total - step) * figures["seconds_per_step"] if self.total else 0.0
             say(f"charnn: step {step}/{self.total or '-'} epoch {epoch} loss {figures['loss']:.4f} "
                 f"acc {figures['accuracy']:.3f} {figures['tokens_per_s']:,.0f} tok/s lr {figures['lr']:.2e} "
-                f"grad {figures['grad_norm']:.2f} train {self.clock.seconds():.0f}s eta {eta:.0f}s")
+                f"grad {figures['grad_norm']:.2f} train {self.clock.seconds():.0f}s eta {eta:.0f}s "
+                f"workers {self.workers}")
             self.run_log.scalars("train", step, {
                 "loss": figures["loss"], "accuracy": figures["accuracy"], "bpc": figures["loss"] / math.log(2),
                 "lr": figures["lr"], "tokens_per_s": figures["tokens_per_s"], "grad_norm": figures["grad_norm"],
-                "epoch": epoch, "train_seconds": self.clock.seconds()})
+                "epoch": epoch, "train_seconds": self.clock.seconds(), "workers": self.workers})
         return figures
 
     def log_val(self, step: int, metrics: dict) -> None:

@@ -29,7 +29,8 @@ class TrainState:
     epoch: int = 0
     train_seconds: float = 0.0  # in training steps, across resumes (validation and checkpoints left out)
     first_loss: float | None = None  # the global loss of the run's first step
-    history: dict = field(default_factory=_no_history)  # {"train"|"val": [[step, loss], ...]}, for the plot
+    # {"train"|"val": [[step, loss], ...]} for the plot, and "workers": [[first step, workers], ...]
+    history: dict = field(default_factory=_no_history)
     metrics: dict = field(default_factory=dict)  # the figures of the newest report
     interval: OpenInterval | None = None  # the progress figures open at the newest checkpoint
 

@@ -90,20 +90,25 @@ STEP_REGIONS = ("forward", "backward", "clip", "optimizer")  # labelled for the 
 @dataclass
 class Parts:
     """What a training step updates: the model (as the step calls it: DDP across workers), its
-    optimiser and learning-rate schedule; how it clips; where it runs."""
+    optimiser and learning-rate schedule; how it clips; where it runs; how its rank's loss is
+    weighted (``charnn.data.layout.loss_weight``: 1 unless the rows split unevenly over the ranks)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_clip: float = 0.0  # 0: no clipping
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    loss_weight: float = 1.0
 
 
 def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, states: torch.Tensor):
-    """One optimiser step from the carried ``states``; returns (loss, logits, next states, grad norm)."""
+    """One optimiser step from the carried ``states``; returns (loss, logits, next states, grad norm):
+    the loss is this rank's, weighted (so that the ranks' mean is the mean over every row's tokens)."""
     with record_function("forward"), autocast(parts.device):
         logits, h = parts.model(x, states)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if parts.loss_weight != 1.0:
+            loss = loss * parts.loss_weight
     parts.optimizer.zero_grad(set_to_none=True)
     with record_function("backward"):
         loss.backward()

@@ -18,6 +18,7 @@ from charnn import checkpoint as ckpt
 from charnn.config import Spec, dump_spec, spec_from_dict
 from charnn.data.alphabet import alphabet_size
 from charnn.data.dataset import Manifest, load_manifest
+from charnn.data.layout import loss_weight
 from charnn.data.reader import SplitReader
 from charnn.model import CharGRU, ModelShape
 from charnn.sample import GenerateOptions, sample_text
@@ -76,7 +77,8 @@ class Trainer:
         self.model = self._model(init_from)
         progress = self.budget.progress if self.budget else None
         optimizer, scheduler = make_optimizer(self.model, spec.train, self.total_steps, spec.cluster.use_gpu, progress)
-        self.parts = Parts(context.wrap(self.model), optimizer, scheduler, spec.train.grad_clip, context.device)
+        self.parts = Parts(context.wrap(self.model), optimizer, scheduler, spec.train.grad_clip, context.device,
+                           loss_weight(manifest.splits["train"].rows, context.world, context.rank))
         torch.manual_seed(spec.train.seed * 1000 + context.rank + 1)  # per-rank dropout streams
         self.checkpointer = Checkpointer(self.run_url, self.store, context, spec.train.checkpoint_every, run_lease)
         self.last_train: dict = {}  # the figures of the newest progress line
@@ -104,7 +106,7 @@ class Trainer:
         if self._done(state):  # a run submitted again at (or past) its end
             self._finish(state, batches)
             return state
-        logger = MetricsLogger(self._run_log(state), self.spec.train.log_every, self.total_steps, self.clock)
+        logger = self._logger(state)
         logger.interval.resume(state.interval, self.context.rank)
         speed, last = (state.step, time.perf_counter()), False
         while not last:
@@ -117,7 +119,7 @@ class Trainer:
             if state.first_loss is None:
                 state.first_loss = all_sum([loss.item()], self.context.device)[0] / self.context.world
             last = self._is_last(state)
-            self._after_step(state, logger, (grad_norm, x.numel(), speed, last), batches)
+            self._after_step(state, logger, (grad_norm, speed, last), batches)
             inject("pause", state.step, self.context.rank)
         logger.close()
         return state
@@ -145,7 +147,7 @@ class Trainer:
             self.context.report(state.metrics)
             return
         check_weights_and_loss(self.model, 0.0, state.step, self.context.device)  # saved before they were checked
-        logger = MetricsLogger(self._run_log(state), self.spec.train.log_every, self.total_steps, self.clock)
+        logger = self._logger(state)
         with logger.clock.paused():
             state.metrics = {**state.metrics, "step": state.step, "epoch": state.epoch,
                              "train_seconds": state.train_seconds, "train_loss": self._last_train_loss(state)}
@@ -175,17 +177,30 @@ class Trainer:
             self.budget.agreed = state.train_seconds
         if resumed and self.context.rank == 0:
             say(f"charnn: resumed {self.spec.run.name} at step {state.step}/{self.total_steps or '-'}")
+        self._count_workers(state)
         return state, Batches(self.train_rows, states, self.spec.train.epoch_state, self.context.device,
                               self.spec.train.first_step)
 
-    def _run_log(self, state: TrainState) -> RunLog | None:
-        return RunLog(self.run_url, self.store, state.step, state.history) if self.context.rank == 0 else None
+    def _count_workers(self, state: TrainState) -> None:
+        """Record how many workers train from this step on, when that changes (an elastic group that
+        shrank or grew; the run's first start): the ``workers`` history of the run's result."""
+        stretches, world = state.history.setdefault("workers", []), self.context.world
+        if stretches and stretches[-1][1] == world:
+            return
+        if stretches and self.context.rank == 0:
+            say(f"charnn: {world} worker{'s' * (world > 1)} train{'s' * (world == 1)} {self.spec.run.name} from "
+                f"step {state.step} (was {stretches[-1][1]})")
+        stretches.append([state.step, world])
+
+    def _logger(self, state: TrainState) -> MetricsLogger:
+        run_log = RunLog(self.run_url, self.store, state.step, state.history) if self.context.rank == 0 else None
+        return MetricsLogger(run_log, self.spec.train.log_every, self.total_steps, self.clock, self.context.world)
 
     def _after_step(self, state: TrainState, logger: MetricsLogger, step_figures: tuple, batches: Batches) -> None:
         """What this step is the turn of: a progress line, a sample, a validation, a checkpoint;
         and, at each of these, the check that the run has not diverged, before anything is sampled,
         reported or saved."""
-        grad_norm, tokens, (first_step, started), last = step_figures
+        grad_norm, (first_step, started), last = step_figures
         log = logger.should_log(state.step, last)
         if log:
             lr = float(self.parts.optimizer.param_groups[0]["lr"])  # the next step's, paced by the agreed clock
@@ -202,7 +217,8 @@ class Trainer:
             state.interval = logger.interval.carried(self.context.device) if save else None
             with logger.clock.paused():
                 state.train_seconds = logger.clock.before
-                speed = (state.step - first_step) * tokens * self.context.world / (time.perf_counter() - started)
+                tokens = self.train_rows.manifest.splits["train"].rows * self.train_rows.seq_len  # every rank's, a step
+                speed = (state.step - first_step) * tokens / (time.perf_counter() - started)
                 state.metrics = self._figures(state, speed)
                 if validate:
                     self._validate(state, logger)

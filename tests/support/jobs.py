@@ -75,3 +75,21 @@ def tb_losses(root: Path, name: str) -> dict[int, float]:
 
     events = EventAccumulator(str(root / "runs" / name / "tensorboard")).Reload().Scalars("train/loss")
     return {e.step: e.value for e in events}
+
+
+def same_run(root: Path, name: str, result: dict, reference: tuple[str, dict], steps: int) -> float:
+    """Assert that run ``name`` (its job's ``result``) ended as ``reference`` (its name and result)
+    did: the same loss at each of ``steps`` steps (1e-5) and the same weights.  Returns the
+    final validation-loss difference, for the fault table."""
+    import pytest
+    import torch
+
+    full, ours = tb_losses(root, reference[0]), tb_losses(root, name)
+    assert sorted(ours) == list(range(1, steps + 1))
+    for step in full:
+        assert ours[step] == pytest.approx(full[step], rel=1e-5), step
+    saved = torch.load(f"{result['checkpoint']}/model.pt", weights_only=True)
+    expected = torch.load(f"{reference[1]['checkpoint']}/model.pt", weights_only=True)
+    for key, tensor in expected["model"].items():
+        torch.testing.assert_close(saved["model"][key], tensor, rtol=1e-5, atol=1e-7)
+    return abs(result["val_loss"] - reference[1]["val_loss"])

@@ -93,17 +93,7 @@ class RayCluster:
         """Stop this cluster's processes only (``ray stop`` would stop every Ray on the machine,
         the other tests' embedded ones included): those naming its temp dir or GCS port, and
         their descendants."""
-        processes = own_processes(str(self.temp_dir), f"127.0.0.1:{self.gcs_port}")
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in processes:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 15
-            while processes and time.monotonic() < deadline:
-                processes = [p for p in processes if os.path.exists(f"/proc/{p}")]
-                time.sleep(0.2)
+        end_processes(own_processes(str(self.temp_dir), f"127.0.0.1:{self.gcs_port}"), 15)
 
     @property
     def driver_env(self) -> dict:
@@ -125,6 +115,20 @@ class RayCluster:
     def logs(self, submission_id: str) -> str:
         return subprocess.run([self.ray, "job", "logs", "--address", self.address, submission_id],
                               env=self.env, capture_output=True, text=True, timeout=60).stdout
+
+
+def end_processes(processes: list[int], grace_s: float) -> None:
+    """SIGTERM ``processes``, and SIGKILL those still there ``grace_s`` later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while processes and time.monotonic() < deadline:
+            processes = [p for p in processes if os.path.exists(f"/proc/{p}")]
+            time.sleep(0.2)
 
 
 def own_processes(*marks: str) -> list[int]:

@@ -1,6 +1,6 @@
 """Job spec: a typed config tree read from YAML, with `extend` inheritance and --set overrides.
 
-A spec file holds sections (data, model, train, cluster, run, retrain, storage) of plain keys. Every
+A spec file holds sections (data, model, train, cluster, run, retrain, storage, serve) of plain keys. Every
 problem raises SpecError with a one-line message naming the file, the dotted key and the fix,
 so a bad spec fails before any Ray worker starts.
 """
@@ -178,6 +178,16 @@ class StorageConfig:
 
 
 @dataclass(config=_SECTION)
+class ServeConfig:
+    """The Ray Serve application of a published model (charnn.serve, jobs/serve.py)."""
+
+    poll_s: StrictFloat = Field(10.0, gt=0)  # how often a replica looks for a newly published version
+    max_length: StrictInt = Field(2000, gt=0)  # the most characters one request may ask for
+    replicas: StrictInt = Field(1, gt=0)
+    max_batch: StrictInt = Field(64, gt=0)  # streams a replica samples in one forward at most
+
+
+@dataclass(config=_SECTION)
 class Spec:
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -186,6 +196,7 @@ class Spec:
     run: RunConfig = Field(default_factory=RunConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Spec)

@@ -1,8 +1,10 @@
-"""Sampling text from a checkpoint, reproducibly, one character at a time."""
+"""Sampling text from a checkpoint, reproducibly, one character at a time: one stream
+(``sample_text``), or many streams of one model stepped together (``start_stream`` and
+``step_streams``: one forward for all of them, what a server batches)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -11,7 +13,7 @@ from charnn.storage import Store
 from charnn.errors import UserError
 from charnn.data.alphabet import alphabet_size, decode, encode_text
 from charnn.checkpoint import load_model
-from charnn.model import OutputsNotFinite
+from charnn.model import CharGRU, OutputsNotFinite, pick_codes
 
 log = logging.getLogger("charnn.generate")
 SEED_LIMIT = 2 ** 64  # torch's generators take seeds below this (negative ones only as aliases of large ones)
@@ -42,16 +44,54 @@ class GenerateOptions:
             raise GenerateError(f"--seed must lie in 0..{SEED_LIMIT - 1} (2**64 - 1), got {self.seed}")
 
 
-def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]:
-    vocab = alphabet_size(alphabet)
-    options.check(vocab)
+def prime_codes(alphabet: str, options: GenerateOptions) -> torch.Tensor:
+    """The checked options' prime as codes; characters outside the alphabet are read as 'unknown'."""
+    options.check(alphabet_size(alphabet))
     prime = encode_text(options.prime, alphabet)
     if alphabet == "gorner98" and (prime == 0).any():
-        log.warning("--prime has %d characters outside the alphabet; they are read as 'unknown'", int((prime == 0).sum()))
+        log.warning("--prime has %d characters outside the alphabet; they are read as 'unknown'",
+                    int((prime == 0).sum()))
+    return torch.tensor(prime, dtype=torch.long)
+
+
+def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]:
+    prime = prime_codes(alphabet, options)
     generator = torch.Generator().manual_seed(options.seed)
-    codes = model.generate(torch.tensor(prime, dtype=torch.long), options.length, options.temperature, options.top_k, generator)
+    codes = model.generate(prime, options.length, options.temperature, options.top_k, generator)
     for code in codes:
         yield decode([code], alphabet)
+
+
+@dataclass
+class Stream:
+    """One request's sampling: its options and random generator, the scores of its next code and
+    the hidden state that produced them, and how many codes are still to come."""
+
+    options: GenerateOptions
+    scores: torch.Tensor  # [vocab]
+    state: torch.Tensor  # [layers, 1, cell]
+    left: int
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+@torch.no_grad()
+def start_stream(model: CharGRU, alphabet: str, options: GenerateOptions) -> Stream:
+    """A stream warmed on its prime (alone: primes differ in length)."""
+    logits, h = model.eval()(prime_codes(alphabet, options).view(1, -1))
+    return Stream(options, logits[0, -1], h, options.length, torch.Generator().manual_seed(options.seed))
+
+
+@torch.no_grad()
+def step_streams(model: CharGRU, streams: list[Stream]) -> list[int]:
+    """The next code of every stream, drawn as ``CharGRU.generate`` draws it, then one forward of
+    all of them together for the codes after.  A stream's codes do not depend on the others: each
+    has its own generator, and a batch row is computed as it is alone (up to float rounding)."""
+    codes = pick_codes(torch.stack([s.scores for s in streams]), [s.options.temperature for s in streams],
+                       [s.options.top_k for s in streams], [s.generator for s in streams])
+    logits, h = model.eval()(torch.tensor(codes).view(-1, 1), torch.cat([s.state for s in streams], dim=1))
+    for i, stream in enumerate(streams):
+        stream.scores, stream.state, stream.left = logits[i, -1], h[:, i : i + 1], stream.left - 1
+    return codes
 
 
 def stream_text(url: str, options: GenerateOptions, store: Store = Store()) -> Iterator[str]:

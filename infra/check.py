@@ -8,7 +8,8 @@ the jobs/*.py and jobs/specs/*.yaml that any file names exist (absolute paths ar
 each cluster job's spec loads with its --set values, uses shared storage and fits its GPU group;
 every image tag and rayVersion is the `ray==` of constraints.txt, which pyproject.toml admits; no
 inline credentials; the KubeRay fields; schedules that cannot overlap; the launcher config against
-Ray's own ray-schema.json; the Dockerfile; `bash -n` on the scripts; the README names every file.
+Ray's own ray-schema.json; the RayService's serveConfigV2 against Ray Serve's own schema, and its
+application (see below); the Dockerfile; `bash -n` on the scripts; the README names every file.
 The KubeRay field lists come from the Go types of KubeRay 1.6.0 (ray-operator/apis/ray/v1), the
 oldest operator these manifests support.  tests/test_infra.py runs this on the real files and on
 broken copies of them, so that each check is seen to fail.
@@ -31,9 +32,19 @@ the sum over groups that limit nvidia.com/gpu of count x GPUs per pod x numOfHos
     largest cluster.num_workers of the jobs above at their max_workers, the top-level max_workers
     (default 2) allows as many nodes, and each type has min_workers <= max_workers; their
     min_workers is free, as for the shared RayCluster.
+
+Serving.  A RayService runs charnn.serve:app (every import_path is a module of the charnn package,
+which the image installs, and the file defines the name); its args are the builder's (model,
+storage, endpoint_url and ServeConfig's fields), storage is shared storage where a retrain job
+here publishes that model (its run.storage and retrain.model), no value carries credentials; the
+route prefix is "/" (charnn.serve routes on the full path); the containers' `serve` port is Serve's
+HTTP port (KubeRay makes the serve Service and the workers' readiness probe from it); and the
+replicas' CPUs fit the cluster (its size at maxReplicas when it autoscales).  No GPU group needed.
 """
 from __future__ import annotations
 
+import dataclasses
+import ast
 import datetime
 import importlib.util
 import json
@@ -42,14 +53,17 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import jsonschema
 import yaml
 from packaging.requirements import Requirement
+from pydantic import ValidationError
 
-from charnn.config import SpecError, load_spec
+from charnn.config import ServeConfig, SpecError, load_spec
+from charnn.storage import redact
 
 try:
     import tomllib
@@ -67,6 +81,7 @@ EXPECTED = {
     "kuberay/raycluster.yaml": [("ray.io/v1", "RayCluster")],
     "kuberay/rayjob-train.yaml": [("ray.io/v1", "RayJob")],
     "kuberay/raycronjob-retrain.yaml": [("ray.io/v1", "RayCronJob")],
+    "kuberay/rayservice-generate.yaml": [("ray.io/v1", "RayService")],
     "kubernetes/cronjob-submit.yaml": [("batch/v1", "CronJob")],
     "kuberay/operator-values.yaml": "helm values of the kuberay-operator chart",
     "cluster-launcher/aws.yaml": "ray up cluster config",
@@ -100,10 +115,18 @@ RAYJOB_SPEC_KEYS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "
                     "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
                     "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend"}
 RAYCRONJOB_SPEC_KEYS = {"jobTemplate", "schedule", "suspend"}  # timeZone: KubeRay >= 1.7 only
+RAYSERVICE_SPEC_KEYS = {"rayClusterDeletionDelaySeconds", "serviceUnhealthySecondThreshold",  # suspend: >= 1.7
+                        "deploymentUnhealthySecondThreshold", "serveService", "upgradeStrategy", "managedBy",
+                        "serveConfigV2", "rayClusterConfig", "excludeHeadPodFromServeSvc"}
 CRONJOB_SPEC_KEYS = {"schedule", "timeZone", "startingDeadlineSeconds", "concurrencyPolicy", "suspend",
                      "jobTemplate", "successfulJobsHistoryLimit", "failedJobsHistoryLimit"}
 MAX_RAYJOB_NAME = 47  # KubeRay names the RayJob's cluster <name>-<5 characters>, <= 53
 MAX_RAYCRONJOB_NAME = 36  # KubeRay 1.7: <name>-<minutes since the epoch> must be a valid RayJob name
+MAX_RAYSERVICE_NAME = 47  # KubeRay's MaxRayServiceNameLength: its clusters are <name>-<5 characters>
+PACKAGE = "charnn"  # the one package that the image installs (pyproject.toml's packages.find)
+SERVE_APP = ("charnn.serve", "app")  # the application builder: module, name
+SERVE_ARGS = {"model", "storage", "endpoint_url"} | {f.name for f in dataclasses.fields(ServeConfig)}
+SERVE_REPLICA_CPUS = 1  # charnn.serve's ray_actor_options
 SECRET_ENV = {"RAY_AUTH_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, when PyYAML has it: 10 times faster
 GPU_INSTANCE = re.compile(r"^(g4dn|g4ad|g5|g5g|g6|g6e|gr6|p3|p3dn|p4d|p4de|p5|p5e|p5en)\.")
@@ -116,6 +139,7 @@ class Context(NamedTuple):
     project: str  # charnn's version, in the image tag
     cluster: dict  # the long-lived RayCluster, that the CronJob submits to
     largest: int = 0  # the most workers (cluster.num_workers) of any cluster job here
+    publishes: frozenset = frozenset()  # (run.storage, retrain.model) of every retrain job here
 
 
 # ---------------------------------------------------------------- reading documents
@@ -172,7 +196,7 @@ def check(infra: Path = INFRA, repo: Path = REPO) -> list[str]:
     problems += unreadable + check_inventory(infra, docs)
     clusters = [d for ds in docs.values() for d in ds if isinstance(d, dict) and d.get("kind") == "RayCluster"]
     ctx = Context(repo, ray, project, clusters[0] if clusters else {})
-    ctx = ctx._replace(largest=largest_job(docs, ctx))
+    ctx = ctx._replace(largest=largest_job(docs, ctx), publishes=published_models(docs, ctx))
     for path in text_files(infra):
         rel = path.relative_to(infra).as_posix()
         problems += [f"infra/{rel}: {p}" for p in check_file(path, rel, ctx)]
@@ -246,6 +270,8 @@ def check_doc(rel: str, doc: dict, ctx: Context) -> list[str]:
         problems += check_name(doc, MAX_RAYCRONJOB_NAME) + check_raycronjob(doc)
     elif kind == "CronJob":
         problems += check_cronjob(doc) + check_submitter(doc, ctx.cluster)
+    elif kind == "RayService":
+        problems += check_name(doc, MAX_RAYSERVICE_NAME) + check_rayservice(doc, ctx)
     if kind in RUNS:
         problems += check_submission(doc, ctx)
     return problems
@@ -337,14 +363,29 @@ def load_job_spec(argv: list[str], repo: Path) -> tuple[str, Any, list[str]]:
         return script, None, [f"{script}: the spec does not load: {exc}"]
 
 
-def largest_job(docs: dict[str, list[Any]], ctx: Context) -> int:
-    """The most GPU workers (cluster.num_workers) that a cluster job here asks for; 0 when none loads."""
-    most = 0
+def job_specs(docs: dict[str, list[Any]], ctx: Context) -> Iterator[tuple[str, Any]]:
+    """(script, spec loaded with its --set values) of every cluster job here whose spec loads."""
     for doc in (d for ds in docs.values() for d in ds if isinstance(d, dict) and d.get("kind") in RUNS):
         commands = python_commands(submission(doc, ctx.cluster)[1])
-        spec = load_job_spec(commands[0], ctx.repo)[1] if len(commands) == 1 else None
-        most = max(most, spec.cluster.num_workers if spec is not None and spec.cluster.use_gpu else 0)
-    return most
+        script, spec, _ = load_job_spec(commands[0], ctx.repo) if len(commands) == 1 else ("", None, [])
+        if spec is not None:
+            yield script, spec
+
+
+def largest_job(docs: dict[str, list[Any]], ctx: Context) -> int:
+    """The most GPU workers (cluster.num_workers) that a cluster job here asks for; 0 when none loads."""
+    return max((s.cluster.num_workers for _, s in job_specs(docs, ctx) if s.cluster.use_gpu), default=0)
+
+
+def published_models(docs: dict[str, list[Any]], ctx: Context) -> frozenset:
+    """(run.storage, retrain.model) of every jobs/retrain.py here: the registries that it publishes to."""
+    return frozenset((s.run.storage.rstrip("/"), s.retrain.model) for script, s in job_specs(docs, ctx)
+                     if script.endswith("jobs/retrain.py"))
+
+
+def is_shared(path: str) -> bool:
+    """A URL that every node reaches (file:// is local)."""
+    return "://" in path and not path.startswith("file://")
 
 
 def check_job_command(argv: list[str], repo: Path, cluster: dict, own: bool) -> list[str]:
@@ -357,7 +398,7 @@ def check_job_command(argv: list[str], repo: Path, cluster: dict, own: bool) -> 
     shared = [("run.storage", spec.run.storage), ("data.dataset_root", spec.data.dataset_root)]
     problems = [f"{script}: {key} {value!r} is not shared storage (a URL such as s3://...)"
                 for key, value in shared + [("data.sources", s) for s in spec.data.sources]
-                if "://" not in value or value.startswith("file://")]
+                if not is_shared(value)]
     fewest, most = spec.cluster.workers_range
     if fewest < most and spec.cluster.max_failures < 1:
         problems.append(f"{script}: elastic (cluster.min_workers {fewest} < cluster.num_workers {most}) needs "
@@ -515,11 +556,11 @@ def check_schedule(schedule: Any, deadline: Any, where: str) -> list[str]:
 
 # ---------------------------------------------------------------- pods and resources
 
-def unknown(node: Any, allowed: set[str], where: str, api: str = "KubeRay 1.6.0") -> list[str]:
+def unknown(node: Any, allowed: set[str], where: str, api: str = "KubeRay 1.6.0",
+            effect: str = "the API server would drop it silently") -> list[str]:
     if not isinstance(node, dict):
         return [f"{where}: not a mapping"]
-    return [f"{where}.{k}: not a field of {api} (the API server would drop it silently)"
-            for k in node if k not in allowed]
+    return [f"{where}.{k}: not a field of {api} ({effect})" for k in node if k not in allowed]
 
 
 def pod_spec(group: dict) -> dict:
@@ -579,7 +620,8 @@ def check_raycluster(doc: dict) -> list[str]:
     return problems
 
 
-def check_raycluster_spec(spec: Any, where: str) -> list[str]:
+def check_raycluster_spec(spec: Any, where: str, gpu: bool = True) -> list[str]:
+    """A RayCluster's spec; `gpu`: it needs a GPU group (the training clusters)."""
     if not isinstance(spec, dict):
         return [f"{where}: not a mapping"]
     problems = unknown(spec, RAYCLUSTER_SPEC_KEYS, where)
@@ -595,7 +637,7 @@ def check_raycluster_spec(spec: Any, where: str) -> list[str]:
         return problems + [f"{where}.workerGroupSpecs: missing"]
     for i, group in enumerate(groups):
         problems += check_worker_group(group, f"{where}.workerGroupSpecs[{i}]")
-    if not gpu_groups(spec):
+    if gpu and not gpu_groups(spec):
         problems.append(f"{where}.workerGroupSpecs: no group requests nvidia.com/gpu in its limits")
     return problems + [p for group in gpu_groups(spec) for p in check_gpu_group(group, where)]
 
@@ -710,6 +752,156 @@ def check_service_account(doc: dict) -> list[str]:
     role = get(doc, "metadata", "annotations", "eks.amazonaws.com/role-arn", default="")
     if not re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", str(role)):
         problems.append("metadata.annotations: eks.amazonaws.com/role-arn should be an IAM role ARN")
+    return problems
+
+
+# ---------------------------------------------------------------- RayService (Ray Serve)
+
+def check_rayservice(doc: dict, ctx: Context) -> list[str]:
+    """KubeRay's fields, the cluster (no GPU group needed), and the Serve config that it deploys."""
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        return ["spec: missing"]
+    problems = unknown(spec, RAYSERVICE_SPEC_KEYS, "spec")
+    cluster = spec.get("rayClusterConfig")
+    if isinstance(cluster, dict):
+        problems += check_raycluster_spec(cluster, "spec.rayClusterConfig", gpu=False)
+    else:
+        problems.append("spec.rayClusterConfig: missing")
+    try:
+        config = yaml.load(str(spec.get("serveConfigV2") or ""), Loader=SAFE_LOADER)
+    except yaml.YAMLError as exc:
+        return problems + [f"spec.serveConfigV2: does not parse: {' '.join(str(exc).split())}"]
+    if not isinstance(config, dict):
+        return problems + ["spec.serveConfigV2: should be a Serve config (a mapping with applications)"]
+    return problems + check_serve_config(config, cluster if isinstance(cluster, dict) else {}, ctx)
+
+
+def serve_schemas() -> tuple[Any, Any, Any] | None:
+    """Ray Serve's own models of a config, an application and a deployment; None without Ray."""
+    try:
+        with warnings.catch_warnings():  # Ray's own pydantic deprecations, nothing of ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+    except ImportError:
+        return None
+    return ServeDeploySchema, ServeApplicationSchema, DeploymentSchema
+
+
+def check_serve_config(config: dict, cluster: dict, ctx: Context) -> list[str]:
+    """serveConfigV2: Ray Serve's schema, no field it would ignore, and the charnn application."""
+    where, schemas = "spec.serveConfigV2", serve_schemas()
+    if schemas is None:
+        return [f"{where}: ray[serve] is not installed: no schema to check against (make install)"]
+    try:
+        schemas[0].model_validate(config)
+    except ValidationError as exc:
+        return [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    api = (f"Ray Serve {ctx.ray}'s config", "Serve would ignore it")
+    problems = unknown(config, set(schemas[0].model_fields), where, *api)
+    problems += [f"{where}: a value carries credentials: {redact(s)[:60]}" for s in walk(config)
+                 if isinstance(s, str) and redact(s) != s]
+    apps = config.get("applications") or []
+    for i, app in enumerate(apps):
+        at = f"{where}.applications[{i}]"
+        problems += unknown(app, set(schemas[1].model_fields), at, *api)
+        problems += [p for j, d in enumerate(app.get("deployments") or [])
+                     for p in unknown(d, set(schemas[2].model_fields), f"{at}.deployments[{j}]", *api)]
+        problems += check_import_path(str(app.get("import_path")), ctx.repo, at)
+        if import_target(str(app.get("import_path")))[0] == SERVE_APP[0]:
+            problems += check_serve_app(app, at, cluster, ctx)
+    if not any(import_target(str(a.get("import_path"))) == SERVE_APP for a in apps):
+        problems.append(f"{where}: no application runs {':'.join(SERVE_APP)}")
+    return problems + check_serve_ports(config, cluster)
+
+
+def import_target(path: str) -> tuple[str, str]:
+    """(module, name) of an import_path, module:name or module.name as Serve reads it."""
+    module, _, name = path.partition(":") if ":" in path else path.rpartition(".")
+    return module, name
+
+
+def check_import_path(path: str, repo: Path, where: str) -> list[str]:
+    """A module of the charnn package (what the image installs), in the repository, that defines the name."""
+    module, name = import_target(path)
+    if module.split(".")[0] != PACKAGE or not name:
+        return [f"{where}.import_path {path!r}: should be {PACKAGE}.MODULE:NAME (the package the image installs)"]
+    base = repo / module.replace(".", "/")
+    file = next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+    if file is None:
+        return [f"{where}.import_path {path!r}: {base.relative_to(repo).as_posix()}.py does not exist here"]
+    names = set()
+    for node in ast.parse(file.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            names.update(t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                         if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return [] if name in names else [f"{where}.import_path {path!r}: {file.relative_to(repo).as_posix()} "
+                                     f"defines no {name}"]
+
+
+def check_serve_app(app: dict, where: str, cluster: dict, ctx: Context) -> list[str]:
+    """charnn.serve's application: its route, its args, the registry it reads, room for its replicas."""
+    problems = [] if app.get("route_prefix", "/") == "/" else [
+        f"{where}.route_prefix: should be / (charnn.serve routes on the full path: /generate, /model, /healthz)"]
+    args = app.get("args") or {}
+    problems += [f"{where}.args.{k}: not an argument of {':'.join(SERVE_APP)} (it would ignore it)" for k in args
+                 if k not in SERVE_ARGS]
+    model, storage = str(args.get("model") or ""), str(args.get("storage") or "")
+    if not model:
+        problems.append(f"{where}.args.model: missing (the registry name, retrain.model)")
+    if not storage:
+        problems.append(f"{where}.args.storage: missing (the retrain job's run.storage, shared storage)")
+    elif not is_shared(storage):
+        problems.append(f"{where}.args.storage {storage!r}: is not shared storage (a URL such as s3://...)")
+    elif model and ctx.publishes and (storage.rstrip("/"), model) not in ctx.publishes:
+        problems.append(f"{where}.args: no retrain job here publishes to {storage.rstrip('/')}/models/{model}/ "
+                        f"(they publish {sorted(ctx.publishes)} as (run.storage, retrain.model))")
+    try:
+        replicas = int(args.get("replicas", 1))
+    except (TypeError, ValueError):
+        return problems + [f"{where}.args.replicas: an integer"]
+    room = cluster_cpus(cluster)
+    if cluster and replicas * SERVE_REPLICA_CPUS > room:
+        problems.append(f"{where}.args.replicas: {replicas} replicas of {SERVE_REPLICA_CPUS} CPU > the cluster's "
+                        f"{room:g} CPUs (they would wait for ever)")
+    return problems
+
+
+def ray_cpus(group: dict) -> float:
+    """The CPUs that a node of a group gives Ray: rayStartParams num-cpus, else the container's."""
+    given = get(group, "rayStartParams", "num-cpus")
+    return quantity(given) if given is not None else cpus(group) or 0.0
+
+
+def cluster_cpus(cluster: dict) -> float:
+    """Ray's CPUs in a cluster: the head's and the workers' (at maxReplicas when it autoscales)."""
+    key = "maxReplicas" if cluster.get("enableInTreeAutoscaling") else "replicas"
+    workers = sum(int(g.get(key) or 0) * ray_cpus(g) * int(g.get("numOfHosts") or 1)
+                  for g in cluster.get("workerGroupSpecs") or [] if isinstance(g, dict))
+    return workers + ray_cpus(cluster.get("headGroupSpec") or {})
+
+
+def serve_port(group: dict) -> int | None:
+    for port in get(pod_spec(group), "containers", 0, "ports", default=[]):
+        if isinstance(port, dict) and port.get("name") == "serve":
+            return port.get("containerPort")
+    return None
+
+
+def check_serve_ports(config: dict, cluster: dict) -> list[str]:
+    """The containers' `serve` port is Serve's HTTP port: KubeRay makes <name>-serve-svc from the head's,
+    and the workers' readiness probe asks the proxy on theirs (8000 when not named)."""
+    port, where = get(config, "http_options", "port", default=8000), "spec.rayClusterConfig"
+    head = serve_port(cluster.get("headGroupSpec") or {}) if cluster else port
+    problems = [] if head == port else [
+        f"{where}.headGroupSpec: the head container needs a port named serve, {port} (Serve's HTTP port)"]
+    for i, group in enumerate(g for g in cluster.get("workerGroupSpecs") or [] if isinstance(g, dict)):
+        if (serve_port(group) or 8000) != port:
+            problems.append(f"{where}.workerGroupSpecs[{i}]: its port named serve should be {port} (Serve's HTTP port)")
     return problems
 
 

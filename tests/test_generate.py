@@ -153,3 +153,29 @@ def test_generate_py_on_nan_weights_or_a_huge_seed_exits_2_with_one_line(tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()
     assert ("not finite" if case == "nan-weights" else "--seed must lie in") in line
+
+
+def test_streams_stepped_together_give_each_the_text_it_gets_alone():
+    """What a server's batch does (charnn.serve.Batcher): 33 requests of mixed options, stepped in
+    one forward each step, some finishing early, each as ``sample_text`` samples it alone."""
+    from charnn.data.alphabet import decode
+    from charnn.sample import start_stream, step_streams
+
+    model = tiny_model()
+    kinds = [("ROMEO.", 40, 1.0, 1), ("K", 25, 0.8, 5), ("Hi yo", 60, 1.3, 0)]
+    options = [GenerateOptions(*kinds[i % 3], seed=i) for i in range(33)]
+    alone = ["".join(sample_text(model, "gorner98", o)) for o in options]
+    streams, codes = [start_stream(model, "gorner98", o) for o in options], [[] for _ in options]
+    while live := [i for i, stream in enumerate(streams) if stream.left]:
+        for i, code in zip(live, step_streams(model, [streams[i] for i in live])):
+            codes[i].append(code)
+    assert [decode(c, "gorner98") for c in codes] == alone
+    assert len(set(alone)) > 20  # the seeds differ, and so do the texts (greedy ones alike)
+
+
+def test_a_good_generate_request_takes_generate_py_defaults_and_draws_a_seed():
+    from charnn.serve import parse_request
+
+    options = parse_request(b'{"prime": "ROMEO.", "temperature": 1, "seed": null}', 2000)
+    assert (options.prime, options.length, options.temperature, options.top_k) == ("ROMEO.", 500, 1, 0)
+    assert 0 <= options.seed < 2 ** 64 and parse_request(b"{}", 2000).seed != options.seed

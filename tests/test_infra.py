@@ -25,6 +25,7 @@ RAY, _ = check.check_pins(REPO)
 RC, RJ, RCJ = "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/raycronjob-retrain.yaml"
 CJ, AWS, SA = "kubernetes/cronjob-submit.yaml", "cluster-launcher/aws.yaml", "kuberay/serviceaccount.yaml"
 LC, LS, DF, RM = "local-cluster.sh", "local-schedule.sh", "docker/Dockerfile", "README.md"
+RS = "kuberay/rayservice-generate.yaml"
 KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"  # AWS's documentation example, split so that this file stays clean
 
 
@@ -61,6 +62,20 @@ def doc(change: Callable[[dict], object]) -> Callable[[str], str]:
 def spec(change: Callable[[dict], object]) -> Callable[[str], str]:
     """Edit the spec of a one-document YAML file; for a RayCronJob, the spec of its RayJobs."""
     return doc(lambda d: change(d["spec"]["jobTemplate"] if d["kind"] == "RayCronJob" else d["spec"]))
+
+
+def serve_app(change: Callable[[dict], object]) -> Callable[[str], str]:
+    """Edit the first application of a RayService's serveConfigV2 as data."""
+    def edit(d: dict) -> None:
+        config = yaml.safe_load(d["spec"]["serveConfigV2"])
+        change(config["applications"][0])
+        d["spec"]["serveConfigV2"] = yaml.safe_dump(config, sort_keys=False)
+    return doc(edit)
+
+
+def rs_cluster(change: Callable[[dict], object]) -> Callable[[str], str]:
+    """Edit a RayService's rayClusterConfig as data."""
+    return doc(lambda d: change(d["spec"]["rayClusterConfig"]))
 
 
 def gpu_pod(cluster_spec: dict) -> dict:
@@ -219,6 +234,60 @@ CASES = [
     ("launcher-no-name", AWS, top("cluster_name"), ["cluster_name"]),
     ("launcher-no-token-auth", AWS, doc(lambda d: d["docker"].update(run_options=[])), ["RAY_AUTH_MODE"]),
     ("launcher-head-type", AWS, top("head_node_type", "nope"), ["head_node_type"]),
+    # RayService: the Serve config, its application, the cluster that serves it
+    ("rs-config-does-not-parse", RS, sub("proxy_location: EveryNode", "proxy_location: [EveryNode"),
+     ["spec.serveConfigV2: does not parse"]),
+    ("rs-serve-schema", RS, sub("proxy_location: EveryNode", "proxy_location: Everywhere"),
+     ["serveConfigV2.proxy_location: Input should be"]),
+    ("rs-serve-misspelt-field", RS, sub("route_prefix: /", "route_prefx: /"),
+     ["applications[0].route_prefx: not a field of Ray Serve"]),
+    ("rs-deployment-misspelt-field", RS, serve_app(lambda a: a.update(deployments=[{"name": "Generator",
+                                                                                   "num_replica": 3}])),
+     ["deployments[0].num_replica: not a field of Ray Serve"]),
+    ("rs-route-prefix", RS, sub("route_prefix: /  #", "route_prefix: /charnn  #"), ["route_prefix: should be /"]),
+    ("rs-missing-module", RS, sub("charnn.serve:app", "charnn.nope:app"),
+     ["charnn/nope.py does not exist", "no application runs charnn.serve:app"]),
+    ("rs-missing-name", RS, sub("import_path: charnn.serve:app", "import_path: charnn.serve:application"),
+     ["charnn/serve.py defines no application", "no application runs charnn.serve:app"]),
+    ("rs-dotted-import-path", RS, sub("import_path: charnn.serve:app", "import_path: charnn.serve.app"), []),
+    ("rs-outside-package", RS, sub("import_path: charnn.serve:app", "import_path: serve_app:app"),
+     ["should be charnn.MODULE:NAME", "no application runs charnn.serve:app"]),
+    ("rs-unknown-arg", RS, sub("replicas: 2  #", "replica: 2  #"), ["args.replica: not an argument of charnn.serve"]),
+    ("rs-local-storage", RS, sub("storage: s3://my-bucket/charnn/runs", "storage: /mnt/runs"),
+     ["args.storage '/mnt/runs': is not shared storage"]),
+    ("rs-file-url-storage", RS, sub("storage: s3://my-bucket/charnn/runs", "storage: file:///mnt/runs"),
+     ["args.storage 'file:///mnt/runs': is not shared storage"]),
+    ("rs-no-storage", RS, serve_app(lambda a: a["args"].pop("storage")), ["args.storage: missing"]),
+    ("rs-no-model", RS, serve_app(lambda a: a["args"].pop("model")), ["args.model: missing"]),
+    ("rs-other-model", RS, sub("model: shakespeare", "model: sonnets"),
+     ["no retrain job here publishes to s3://my-bucket/charnn/runs/models/sonnets/"]),
+    ("rs-other-storage", RS, sub("storage: s3://my-bucket/charnn/runs", "storage: s3://other-bucket/runs"),
+     ["no retrain job here publishes to s3://other-bucket/runs/models/shakespeare/"]),
+    ("rs-storage-trailing-slash", RS, sub("/my-bucket/charnn/runs  # CHANGE", "/my-bucket/charnn/runs/  # CHANGE"), []),
+    ("rs-credentials-in-url", RS, sub("# endpoint_url: https://minio.example:9000",
+                                      "endpoint_url: https://admin:hunter2@minio.example:9000"),
+     ["serveConfigV2: a value carries credentials: https://***@minio"]),
+    ("rs-secret-in-runtime-env", RS, serve_app(lambda a: a.update(runtime_env={"env_vars": {
+        "AWS_SECRET_ACCESS_KEY": "x"}})), ["an aws_secret_access_key setting"]),
+    ("rs-no-serve-port", RS, sub("                - containerPort: 8000\n                  name: serve", ""),
+     ["the head container needs a port named serve, 8000"]),
+    ("rs-other-http-port", RS, sub("port: 8000  #", "port: 9000  #"),
+     ["the head container needs a port named serve, 9000", "workerGroupSpecs[0]: its port named serve should be 9000"]),
+    ("rs-too-many-replicas", RS, sub("replicas: 2  #", "replicas: 5  #"),
+     ["args.replicas: 5 replicas of 1 CPU > the cluster's 4 CPUs"]),
+    ("rs-replicas-at-max-replicas", RS, chain(sub("replicas: 2  #", "replicas: 6  #"), rs_cluster(lambda c: (
+        c.update(enableInTreeAutoscaling=True), c["workerGroupSpecs"][0].update(maxReplicas=3)))), []),
+    ("rs-misspelt-spec-field", RS, doc(lambda d: d["spec"].update(rayClusterSpec=d["spec"].pop("rayClusterConfig"))),
+     ["spec.rayClusterSpec: not a field", "spec.rayClusterConfig: missing"]),
+    ("rs-name-too-long", RS, doc(lambda d: d["metadata"].update(name="x" * 48)), ["1 to 47 characters"]),
+    ("rs-rayversion", RS, sub(f'rayVersion: "{RAY}"', 'rayVersion: "2.0.0"'), ["rayVersion '2.0.0' != the pinned Ray"]),
+    ("rs-image-other-version", RS, sub("charnn:0.1.0-ray", "charnn:9.9.9-ray"), ["charnn:9.9.9"]),
+    ("rs-no-token-auth", RS, rs_cluster(lambda c: c["authOptions"].update(mode="disabled")), ["authOptions.mode"]),
+    ("rs-load-balancer", RS, rs_cluster(lambda c: c["headGroupSpec"].update(serviceType="LoadBalancer")),
+     ["in-cluster"]),
+    ("rs-no-service-account", RS, rs_cluster(lambda c: c["headGroupSpec"]["template"]["spec"].pop(
+        "serviceAccountName")), ["serviceAccountName"]),
+    ("readme-misses-rayservice", RM, sub(RS, "the serving manifest"), ["does not mention kuberay/rayservice-generate"]),
     # the other files
     ("service-account-name", SA, doc(lambda d: d["metadata"].update(name="other")), ["should be charnn-ray"]),
     ("service-account-role", SA, sub("role/charnn-ray-s3", "role/"), ["eks.amazonaws.com/role-arn"]),

@@ -255,12 +255,17 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # `ray job stop` sends SIGTERM: unwind, so leases and temp files are released
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread (again, after something replaced it)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def execute(run: Callable[[], dict | None]) -> None:
     """Run a command: one-line errors and their exit codes, the JSON result line last."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         result = run()
     except KeyboardInterrupt:

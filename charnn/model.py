@@ -76,40 +76,39 @@ class CharGRU(nn.Module):
     @torch.no_grad()
     def generate(
         self, prime: torch.Tensor, length: int, temperature: float = 1.0, top_k: int = 0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, never: int | None = None,
     ) -> Iterator[int]:
-        """Codes that follow ``prime`` (1-D codes, warms the state), one at a time."""
+        """Codes that follow ``prime`` (1-D codes, warms the state), one at a time; ``never`` is a
+        code never drawn (gorner98's "unknown", which stands for no character)."""
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
             logits, h = self(prime.view(1, -1).to(device))
             for _ in range(length):
-                code = pick_code(logits[0, -1], temperature, top_k, generator)
+                code = pick_codes(logits[0, -1:], [temperature], [top_k], [generator], never)[0]
                 yield code
                 logits, h = self(torch.tensor([[code]], device=device), h)
         finally:
             self.train(was_training)
 
 
-def pick_code(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
-    """The next code, drawn from a model's scores [vocab] for it (``pick_codes`` of one row)."""
-    return pick_codes(logits[None], [temperature], [top_k], [generator])[0]
-
-
 def pick_codes(logits: torch.Tensor, temperatures: list[float], top_ks: list[int],
-               generators: list[torch.Generator | None]) -> list[int]:
-    """The next code of each row of ``logits`` [B, vocab], each drawn with its own temperature,
-    top-k (0: all) and generator: one uniform number from its generator, inverted through the row's
-    cumulative distribution.  Each row is computed as it would be alone, so a stream's codes do not
-    depend on the rows it is drawn with.  On the CPU in float64, less the row's maximum before
-    dividing: the likeliest code scores 0 at any temperature > 0 and the others <= 0 (-inf at a tiny
-    one), so softmax never sees inf - inf (NaN); a tiny temperature samples the argmax, a huge one
-    evenly."""
+               generators: list[torch.Generator | None], never: int | None = None) -> list[int]:
+    """The next code of each row of ``logits`` [B, vocab], each drawn with its own temperature, top-k
+    (0: all) and generator: one uniform number from its generator, inverted through the row's
+    cumulative distribution. Each row is computed as it would be alone, so a stream's codes do not
+    depend on the rows it is drawn with; ``never`` is a code no row draws. On the CPU in float64,
+    less the row's maximum before dividing: the likeliest code scores 0 at any temperature > 0 and
+    the others <= 0 (-inf at a tiny one), so softmax never sees inf - inf (NaN); a tiny temperature
+    samples the argmax, a huge one evenly."""
     scores = logits.to("cpu", torch.float64)
     if not torch.isfinite(scores).all():
         raise OutputsNotFinite("the model's outputs are not finite (its weights hold NaN or inf, as a "
                                "diverged training leaves them); use another checkpoint")
+    if never is not None:
+        scores = scores.clone()  # not the caller's (logits already float64 on the CPU)
+        scores[:, never] = float("-inf")
     scores = (scores - scores.max(-1, keepdim=True).values) / torch.tensor(temperatures, dtype=torch.float64)[:, None]
     if any(top_ks):
         kth = torch.topk(scores, max(top_ks), dim=-1).values.gather(1, torch.tensor([[max(k, 1) - 1] for k in top_ks]))

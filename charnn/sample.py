@@ -54,10 +54,15 @@ def prime_codes(alphabet: str, options: GenerateOptions) -> torch.Tensor:
     return torch.tensor(prime, dtype=torch.long)
 
 
+def never_drawn(alphabet: str) -> int | None:
+    """gorner98's "unknown" code stands for no character: a sample of ``length`` codes would be shorter."""
+    return 0 if alphabet == "gorner98" else None
+
+
 def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]:
     prime = prime_codes(alphabet, options)
     generator = torch.Generator().manual_seed(options.seed)
-    codes = model.generate(prime, options.length, options.temperature, options.top_k, generator)
+    codes = model.generate(prime, options.length, options.temperature, options.top_k, generator, never_drawn(alphabet))
     for code in codes:
         yield decode([code], alphabet)
 
@@ -72,22 +77,25 @@ class Stream:
     state: torch.Tensor  # [layers, 1, cell]
     left: int
     generator: torch.Generator = field(default_factory=torch.Generator)
+    never: int | None = None  # never_drawn of its alphabet
 
 
 @torch.no_grad()
 def start_stream(model: CharGRU, alphabet: str, options: GenerateOptions) -> Stream:
     """A stream warmed on its prime (alone: primes differ in length)."""
     logits, h = model.eval()(prime_codes(alphabet, options).view(1, -1))
-    return Stream(options, logits[0, -1], h, options.length, torch.Generator().manual_seed(options.seed))
+    return Stream(options, logits[0, -1], h, options.length, torch.Generator().manual_seed(options.seed),
+                  never_drawn(alphabet))
 
 
 @torch.no_grad()
 def step_streams(model: CharGRU, streams: list[Stream]) -> list[int]:
-    """The next code of every stream, drawn as ``CharGRU.generate`` draws it, then one forward of
-    all of them together for the codes after.  A stream's codes do not depend on the others: each
-    has its own generator, and a batch row is computed as it is alone (up to float rounding)."""
+    """The next code of every stream (streams of one model and alphabet), drawn as ``CharGRU.generate``
+    draws it, then one forward of all of them together for the codes after. A stream's codes do not
+    depend on the others: each has its own generator, and a batch row is computed as it is alone (up
+    to float rounding)."""
     codes = pick_codes(torch.stack([s.scores for s in streams]), [s.options.temperature for s in streams],
-                       [s.options.top_k for s in streams], [s.generator for s in streams])
+                       [s.options.top_k for s in streams], [s.generator for s in streams], streams[0].never)
     logits, h = model.eval()(torch.tensor(codes).view(-1, 1), torch.cat([s.state for s in streams], dim=1))
     for i, stream in enumerate(streams):
         stream.scores, stream.state, stream.left = logits[i, -1], h[:, i : i + 1], stream.left - 1

@@ -170,6 +170,8 @@ def test_streams_stepped_together_give_each_the_text_it_gets_alone():
         for i, code in zip(live, step_streams(model, [streams[i] for i in live])):
             codes[i].append(code)
     assert [decode(c, "gorner98") for c in codes] == alone
+    # gorner98's "unknown" code (no character) is never drawn: a stream has the length it asked for
+    assert [len(text) for text in alone] == [o.length for o in options]
     assert len(set(alone)) > 20  # the seeds differ, and so do the texts (greedy ones alike)
 
 

@@ -13,7 +13,7 @@ LOOPBACK_SETTINGS := $(shell sed -n '/^[A-Za-z_]/p' loopback.env)
 $(if $(LOOPBACK_SETTINGS),,$(error loopback.env: no KEY=VALUE lines))
 LOOPBACK := env $(LOOPBACK_SETTINGS)
 
-.PHONY: demo test install lock clean gpu-data
+.PHONY: demo test check install lock clean gpu-data
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ demo: $(INSTALLED)
 TEST_WORKERS ?= 2
 test: $(INSTALLED)
 	$(LOOPBACK) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+
+# The fast loop: ruff (pyproject.toml's rules) and every test that needs no Ray (`-m "not ray"`:
+# tests/conftest.py marks each test that uses a Ray fixture), under a minute on 2 cores.  `make
+# test` runs everything, ruff included.  One OpenMP thread per test process: torch's idle threads
+# spin, and two workers' spinning threads on 2 cores made the Trainer's tests 4 times as slow here.
+check: $(INSTALLED)
+	$(VENV)/bin/ruff check --no-cache .
+	$(LOOPBACK) OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not ray" \
+		--durations=5 tests
 
 # The Shakespeare dataset laid out for 1 worker x 256 rows, for bench/gpu.sh on a lent GPU
 # (carry .gpu-data): the GPU machine has no Ray and no network.

@@ -96,14 +96,14 @@ def speed(args) -> None:
             try:
                 rate = tokens_per_s(batch, args.steps, mode)
                 print(f"{batch:>6} {mode:>11} {rate:>12,.0f} {rate * flops / 1e12 / peak:>6.3f}", flush=True)
-            except Exception as error:  # a mode that fails (capture, memory) must not hide the others
+            except Exception as error:  # noqa: BLE001 - a mode that fails (capture, memory) must not hide the others
                 print(f"{batch:>6} {mode:>11} failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
             torch.cuda.empty_cache()
 
 
 def quality(args) -> None:
     """The quality recipe for a time budget: the Trainer itself, in this process (no Ray)."""
-    from charnn.config import load_spec
+    from charnn.spec_loader import load_spec
     from charnn.storage import Store
     from charnn.train.context import LocalContext
     from charnn.train.metrics import read_points
@@ -121,10 +121,10 @@ def quality(args) -> None:
     Trainer(spec, os.path.dirname(manifests[0]), LocalContext(run_url, Store(), torch.device(args.device))).train()
     validation = read_points(Store(), run_url)["val"]
     for threshold in THRESHOLDS:
-        hit = next((p for p in validation if p["loss"] <= threshold), None)
-        print(f"val loss {threshold:.2f}: " + (f"{hit['train_seconds'] / 60:.1f} min of training, step {hit['step']}"
+        hit = next((p for p in validation if p.loss <= threshold), None)
+        print(f"val loss {threshold:.2f}: " + (f"{hit.train_seconds / 60:.1f} min of training, step {hit.step}"
                                                if hit else "not reached"))
-    print(f"best val loss {min(p['loss'] for p in validation):.4f}")
+    print(f"best val loss {min(p.loss for p in validation):.4f}")
 
 
 def main() -> None:

@@ -261,7 +261,7 @@ def rebuild(corpus: str, root: str) -> dict:
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
-    url = build_dataset(request(corpus, root))
+    url = build_dataset(request(corpus, root)).url
     built = time.perf_counter()
     listed = list_documents([corpus]).num_rows
     listing = time.perf_counter()

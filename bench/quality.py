@@ -21,6 +21,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from charnn.train.metrics import Point
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -29,12 +33,12 @@ THRESHOLDS = (1.60, 1.50, 1.45, 1.40, 1.35)
 LOOPBACK = dict(line.split("=", 1) for line in Path(ROOT, "loopback.env").read_text().splitlines()
                 if line[:1].isalpha())
 
-def curves_of(points: dict[str, list[dict]], started: float) -> dict:
+def curves_of(points: dict[str, list[Point]], started: float) -> dict:
     """The train and validation curves of a run's logged points (``metrics.jsonl``): minutes are
     the training clock's (``train_seconds``) and the wall clock's since ``started`` (a POSIX time)."""
-    def point(p: dict) -> dict:
-        return {"step": p["step"], "loss": p["loss"], "accuracy": p["accuracy"], "train_s": p["train_seconds"],
-                "wall_s": p["time"] - started, **({"epoch": p["epoch"]} if "epoch" in p else {})}
+    def point(p: Point) -> dict:
+        return {"step": p.step, "loss": p.loss, "accuracy": p.accuracy, "train_s": p.train_seconds,
+                "wall_s": p.time - started, **({"epoch": p.epoch} if p.epoch is not None else {})}
 
     return {split: [point(p) for p in points[split]] for split in ("train", "val")}
 

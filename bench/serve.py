@@ -69,7 +69,7 @@ def arguments() -> argparse.Namespace:
 
 def demo_shape() -> tuple[int, int]:
     """(cell_size, layers) of the demo spec, as jobs/train.py resolves it."""
-    from charnn.config import load_spec
+    from charnn.spec_loader import load_spec
 
     spec = load_spec(str(ROOT / "jobs" / "specs" / "shakespeare-demo.yaml"))
     return spec.model.cell_size, spec.model.layers
@@ -80,7 +80,7 @@ def publish_random(workdir: Path, seed: int) -> str:
     import torch
 
     from charnn.model import CharGRU, ModelShape
-    from charnn.registry import ModelRegistry
+    from charnn.registry import DatasetInfo, ModelRegistry, VersionInfo
     from charnn.storage import Store
 
     torch.manual_seed(seed)
@@ -93,7 +93,7 @@ def publish_random(workdir: Path, seed: int) -> str:
                 "alphabet": "gorner98"}, directory / "model.pt")
     registry = ModelRegistry(str(workdir / "runs" / "models" / MODEL), Store())
     with registry.lease(60) as lease:
-        return registry.publish(str(directory), {"dataset": {"sources": []}}, lease,
+        return registry.publish(str(directory), VersionInfo(dataset=DatasetInfo(sources=[])), lease,
                                 replaces=registry.published()).name
 
 

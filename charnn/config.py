@@ -1,50 +1,45 @@
-"""Job spec: a typed config tree read from YAML, with `extend` inheritance and --set overrides.
+"""Job spec schema: the typed sections of a spec, each field with its meaning and its role.
 
-A spec file holds sections (data, model, train, cluster, run, retrain, storage, serve) of plain keys. Every
-problem raises SpecError with a one-line message naming the file, the dotted key and the fix,
-so a bad spec fails before any Ray worker starts.
+A spec holds sections (data, model, train, cluster, run, retrain, storage, serve) of plain keys;
+charnn.spec_loader reads them from YAML.  A field's docstring is its documentation
+(`--help-spec` prints it); its role, ``json_schema_extra={"affects": ...}``, says what else
+depends on it (see ROLES), so that the dataset's name and the resume check follow the schema
+instead of lists kept elsewhere.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
 import functools
-import os
-import re
-import reprlib
-import stat
 import typing
-from typing import Annotated, Any, Callable, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
-import yaml
-from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
-                      StrictStr, TypeAdapter, ValidationError)
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from charnn.errors import UserError
+from charnn.data.alphabet import ALPHABETS
+from charnn.redact import redact
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+ROLES = {
+    "dataset": "names the dataset directory: another value builds (or finds) another dataset",
+    "resume": "a run resumes only with the value its checkpoints recorded (unless run.resume: force)",
+    "workers": "a location Ray's workers are given as written (Ray records it): it may carry no credentials",
+}
 
 
-class SpecError(UserError):
-    """A spec problem; the message is always a single line, with credentials masked."""
-
-    def __init__(self, message: str):
-        from charnn.storage import redact
-
-        # Values and paths can carry newlines, NULs and terminal escapes; log lines and CLI
-        # errors must stay one printable line.
-        Exception.__init__(self, redact(_CONTROL.sub(lambda m: repr(m.group())[1:-1], message)))
+def affects(role: str) -> dict[str, str]:
+    """A field's role, for ``Field(json_schema_extra=...)``: one of ROLES."""
+    assert role in ROLES, role
+    return {"affects": role}
 
 
 # The sections are pydantic dataclasses: real dataclasses (fields, replace, asdict, ==), validated
 # by pydantic when built.  Strict on purpose: YAML's `yes`/`1.0` should not silently become a bool
 # or an int (an int is a float, though).  Strict per field: a strict dataclass refuses a dict.
-# Defaults are not validated: data.sources has no valid one, spec_from_dict checks it.
-_SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
+# Defaults are not validated: data.sources has no valid one, charnn.spec_loader checks it.
+# A field's docstring is its description (use_attribute_docstrings).
+_SECTION = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 def _rule(need: str, ok: Callable[[Any], bool]) -> AfterValidator:
@@ -57,14 +52,17 @@ def _rule(need: str, ok: Callable[[Any], bool]) -> AfterValidator:
 
 
 def _no_credentials(v: Optional[str]) -> bool:
-    from charnn.storage import redact
 
     return v is None or redact(v) == v
 
 
-# Ray records what its workers receive (train_loop_config): these values reach the workers.
+# Ray records what its workers receive (train_loop_config): these values reach the workers.  The
+# "workers" role and the rule travel together in one type.
 _NoCredentials = _rule("not carry credentials (Ray's workers receive this value; give credentials through the "
                        "environment, see README \"Security\")", _no_credentials)
+_WorkersRole = Field(json_schema_extra=affects("workers"))
+_WorkerLocation = Annotated[StrictStr, _NoCredentials, _WorkersRole]
+_OptionalWorkerLocation = Annotated[Optional[StrictStr], _NoCredentials, _WorkersRole]
 # URLs, dirs, globs or "corpus:NAME"; a blank one (an unset shell variable) would list the cwd.
 _Sources = Annotated[list[StrictStr], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
                      Field(min_length=1), _rule("have no blank entries", lambda v: all(s.strip() for s in v))]
@@ -75,69 +73,114 @@ _Name = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._-]+$"),
 
 @dataclass(config=_SECTION)
 class DataConfig:
+    """The text and the dataset built from it (charnn.data)."""
+
     sources: _Sources = Field(default_factory=list)
-    alphabet: Literal["gorner98", "bytes"] = "gorner98"
-    seq_len: StrictInt = Field(30, gt=0)
-    dataset_root: Annotated[StrictStr, _NoCredentials] = "~/.cache/charnn/datasets"
-    val_fraction: StrictFloat = Field(0.1, gt=0, lt=1)
-    shard_mb: StrictInt = Field(64, gt=0)
-    max_concurrency: Optional[StrictInt] = Field(None, gt=0)  # Ray Data tasks at once; None: the free CPUs
+    """The text (required): URLs, directories, globs or corpus:NAME, one or a list.  The dataset is not named by
+    them: a corpus that grows adds versions to the same dataset.  The only key that may carry
+    credentials (the workers never read it)."""
+    alphabet: Literal[ALPHABETS] = Field("gorner98", json_schema_extra=affects("dataset"))
+    """Text to codes: gorner98 (98 codes, one for every unknown character) or bytes (lossless, 256)."""
+    seq_len: StrictInt = Field(30, gt=0, json_schema_extra=affects("dataset"))
+    """T: the characters of each row that one step reads (the unroll length)."""
+    dataset_root: _WorkerLocation = "~/.cache/charnn/datasets"
+    """Root URL or path of the datasets: each is a directory named by its dataset settings."""
+    val_fraction: StrictFloat = Field(0.1, gt=0, lt=1, json_schema_extra=affects("dataset"))
+    """The share of the documents held out for validation (a document's split follows from its key)."""
+    shard_mb: StrictInt = Field(64, gt=0, json_schema_extra=affects("dataset"))
+    """The size of a row shard file, in MiB, about."""
+    max_concurrency: Optional[StrictInt] = Field(None, gt=0)
+    """Ray Data tasks at once; null: the free CPUs."""
 
 
 @dataclass(config=_SECTION)
 class ModelConfig:
+    """The character-level GRU (charnn.model)."""
+
     cell_size: StrictInt = Field(512, gt=0)
+    """Hidden units of each GRU layer."""
     layers: StrictInt = Field(3, gt=0)
-    dropout: StrictFloat = Field(0.2, ge=0, lt=1)
-    embedding: StrictInt = Field(0, ge=0)  # 0 means one-hot input
+    """Stacked GRU layers."""
+    dropout: StrictFloat = Field(0.2, ge=0, lt=1, json_schema_extra=affects("resume"))
+    """Dropout probability while training."""
+    embedding: StrictInt = Field(0, ge=0)
+    """Width of the input embedding; 0 means one-hot input."""
 
 
 @dataclass(config=_SECTION)
 class TrainConfig:
-    batch_per_worker: StrictInt = Field(200, gt=0)
-    steps: StrictInt = Field(0, ge=0)  # 0 means use epochs
+    """The training loop, its schedule and its cadences (charnn.train)."""
+
+    batch_per_worker: StrictInt = Field(200, gt=0, json_schema_extra=affects("dataset"))
+    """Rows each worker trains per step: a step is R = cluster.num_workers x this rows, and the
+    dataset is laid out for R."""
+    steps: StrictInt = Field(0, ge=0)
+    """Steps to train; 0 means use train.epochs."""
     epochs: StrictInt = Field(10, gt=0)
-    lr: StrictFloat = Field(0.001, gt=0)
-    seed: StrictInt = 0
-    warmup_steps: StrictInt = Field(0, ge=0)
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    min_lr_ratio: StrictFloat = Field(0.1, ge=0, le=1)
-    grad_clip: StrictFloat = Field(0.0, ge=0)  # 0 means off
-    epoch_state: Literal["roll", "reset"] = "roll"
+    """Passes over the train split, when train.steps is 0 and train.minutes is 0."""
+    lr: StrictFloat = Field(0.001, gt=0, json_schema_extra=affects("resume"))
+    """Adam's learning rate, before warmup and decay."""
+    seed: StrictInt = Field(0, json_schema_extra=affects("resume"))
+    """Seeds the initial weights and the dropout."""
+    warmup_steps: StrictInt = Field(0, ge=0, json_schema_extra=affects("resume"))
+    """Steps of linear warmup to train.lr."""
+    schedule: Literal["constant", "cosine", "step"] = Field("constant", json_schema_extra=affects("resume"))
+    """The learning rate after warmup: constant, cosine (down to train.min_lr_ratio) or step (x0.1 at
+    2/3 and again at 8/9 of the way)."""
+    min_lr_ratio: StrictFloat = Field(0.1, ge=0, le=1, json_schema_extra=affects("resume"))
+    """Where the cosine schedule ends, as a share of train.lr."""
+    grad_clip: StrictFloat = Field(0.0, ge=0, json_schema_extra=affects("resume"))
+    """The most the gradients' global norm may be; 0 means off."""
+    epoch_state: Literal["roll", "reset"] = Field("roll", json_schema_extra=affects("resume"))
+    """At an epoch's start, roll: the state that ended a row starts the next row; reset: every row
+    starts from zero."""
     log_every: StrictInt = Field(50, gt=0)
-    validate_every: StrictInt = Field(0, ge=0)  # 0 means only at the end
-    checkpoint_every: StrictInt = Field(500, ge=0)  # 0 means only at the end
+    """Steps between progress lines (and metrics records)."""
+    validate_every: StrictInt = Field(0, ge=0)
+    """Steps between validations; 0 means only at the end."""
+    checkpoint_every: StrictInt = Field(500, ge=0)
+    """Steps between checkpoints; 0 means only at the end."""
     sample_every: StrictInt = Field(0, ge=0)
+    """Steps between text samples in the log; 0 means none."""
     sample_length: StrictInt = Field(200, gt=0)
+    """Characters of each sample."""
     num_to_keep: StrictInt = Field(3, gt=0)
-    minutes: StrictFloat = Field(0.0, ge=0)  # > 0: train this long (the training clock) instead of train.steps
-    # the train split's step a run reads first; it reads on to the split's end, then round from step 0
-    # (the next epoch).  A retrain's candidate starts at the dataset's new segments (charnn.cli.retrain)
-    first_step: StrictInt = Field(0, ge=0)
+    """Checkpoints kept in the run directory, the newest ones."""
+    minutes: StrictFloat = Field(0.0, ge=0)
+    """> 0: train this long (the training clock) instead of train.steps."""
+    first_step: StrictInt = Field(0, ge=0, json_schema_extra=affects("resume"))
+    """The train split's step a run reads first; it reads on to the split's end, then round from step
+    0 (the next epoch).  A retrain's candidate starts at the dataset's new segments (charnn.cli.retrain)."""
 
 
 @dataclass(config=_SECTION)
 class ClusterConfig:
-    num_workers: StrictInt = Field(1, gt=0)
+    """The workers of a run and how long Ray may take to provide them."""
+
+    num_workers: StrictInt = Field(1, gt=0, json_schema_extra=affects("dataset"))
+    """W, the training workers; with train.batch_per_worker it makes the rows R of a step."""
     use_gpu: StrictBool = False
+    """A GPU per worker (NCCL), else CPUs (gloo)."""
     cpus_per_worker: StrictInt = Field(1, gt=0)
+    """CPUs Ray reserves for each worker."""
     max_failures: StrictInt = Field(0, ge=0)
-    # how long a remote (autoscaling) cluster may take to offer the workers
+    """Worker group failures a run recovers from (from its latest checkpoint) before it fails."""
     resource_timeout_s: StrictInt = Field(600, ge=0)
-    # how long starting an embedded Ray or reaching RAY_ADDRESS's cluster may take; then exit 75
+    """How long a remote (autoscaling) cluster may take to offer the workers."""
     connect_timeout_s: StrictInt = Field(120, gt=0)
-    # Elastic training: the fewest workers a run goes on with (null: num_workers, not elastic).  A
-    # lost node shrinks the group to what is left (at least this many; a lost worker is a failure,
-    # so cluster.max_failures must allow it), and the group grows back to num_workers when capacity
-    # returns; either way from the latest checkpoint, with the same R rows split over the workers.
+    """How long starting an embedded Ray or reaching RAY_ADDRESS's cluster may take; then exit 75."""
     min_workers: Optional[StrictInt] = Field(None, gt=0)
-    # how often a running group checks whether it can grow (Ray's elastic_resize_monitor_interval_s;
-    # Ray Train sees a node that joined up to 20 s later)
+    """Elastic training: the fewest workers a run goes on with (null: num_workers, not elastic).  A
+    lost node shrinks the group to what is left (at least this many; a lost worker is a failure, so
+    cluster.max_failures must allow it), and the group grows back to num_workers when capacity
+    returns; either way from the latest checkpoint, with the same R rows split over the workers."""
     resize_interval_s: StrictFloat = Field(60.0, ge=0)
-    # how long Ray Train waits for a worker group to start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).
-    # An elastic group that lost a node first asks for the lost node's workers too (Ray Train sees it
-    # gone up to 20 s late) and waits this long before it shrinks.
+    """How often a running group checks whether it can grow (Ray's elastic_resize_monitor_interval_s;
+    Ray Train sees a node that joined up to 20 s later)."""
     start_timeout_s: StrictFloat = Field(60.0, gt=0)
+    """How long Ray Train waits for a worker group to start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).
+    An elastic group that lost a node first asks for the lost node's workers too (Ray Train sees it
+    gone up to 20 s late) and waits this long before it shrinks."""
 
     @property
     def workers_range(self) -> tuple[int, int]:
@@ -147,48 +190,72 @@ class ClusterConfig:
 
 @dataclass(config=_SECTION)
 class RunConfig:
+    """Which run: its name and where runs, checkpoints and models are stored."""
+
     name: _Name = "charnn"
-    storage: Annotated[StrictStr, _NoCredentials] = "~/charnn/runs"  # root URL or path for runs, checkpoints, models
-    # A run resumes only on the same data and training settings ("check"); "force" resumes
-    # anyway, keeping the checkpoint's optimiser, schedule and position in the data.
+    """The run's directory under run.storage: a run of the same name resumes."""
+    storage: _WorkerLocation = "~/charnn/runs"
+    """Root URL or path for runs, checkpoints, models."""
     resume: Literal["check", "force"] = "check"
+    """A run resumes only on the same data and training settings ("check"); "force" resumes anyway,
+    keeping the checkpoint's optimiser, schedule and position in the data."""
 
 
 @dataclass(config=_SECTION)
 class RetrainConfig:
-    model: _Name = "charnn"  # registry name: <run.storage>/models/<model>/
-    steps: StrictInt = Field(500, gt=0)  # fine-tuning steps from the published model
-    min_improvement: StrictFloat = Field(0.0, ge=0)  # nats/char the candidate must gain on validation
-    lease_minutes: StrictFloat = Field(30.0, gt=0)  # a writer that dies blocks others this long at most
-    # the share of the fine-tune's steps that reads older text after the new segments (replay)
+    """charnn-retrain: fine-tune the published model on new text, publish it if it is better."""
+
+    model: _Name = "charnn"
+    """Registry name: <run.storage>/models/<model>/."""
+    steps: StrictInt = Field(500, gt=0)
+    """Fine-tuning steps from the published model."""
+    min_improvement: StrictFloat = Field(0.0, ge=0)
+    """Nats/char the candidate must gain on validation."""
+    lease_minutes: StrictFloat = Field(30.0, gt=0)
+    """A writer that dies blocks others this long at most."""
     replay: StrictFloat = Field(0.25, ge=0, lt=1)
-    keep_versions: StrictInt = Field(3, gt=0)  # published model versions kept by charnn-gc, the published one among them
-    keep_rounds: StrictInt = Field(3, gt=0)  # candidate runs and rejected records of this many rounds kept
+    """The share of the fine-tune's steps that reads older text after the new segments (replay)."""
+    keep_versions: StrictInt = Field(3, gt=0)
+    """Published model versions kept by charnn-gc, the published one among them."""
+    keep_rounds: StrictInt = Field(3, gt=0)
+    """Candidate runs and rejected records of this many rounds kept."""
 
 
 @dataclass(config=_SECTION)
 class StorageConfig:
-    endpoint_url: Annotated[Optional[StrictStr], _NoCredentials] = None  # S3-compatible endpoint override (MinIO, moto)
+    """How remote storage (S3, GCS) is reached; credentials come from the environment (README "Security")."""
+
+    endpoint_url: _OptionalWorkerLocation = None
+    """S3-compatible endpoint override (MinIO, moto)."""
     region: Optional[StrictStr] = None
+    """The S3 region; null: the environment's."""
     anon: StrictBool = False
-    max_attempts: StrictInt = Field(10, gt=0)  # per S3 request; standard retry mode backs off exponentially up to 20 s
-    # Local paths in run.storage, data.dataset_root and data.sources are on storage that every node
-    # of the cluster mounts (NFS, a shared volume): without it they are refused on a multi-node cluster.
+    """Anonymous access, for public buckets."""
+    max_attempts: StrictInt = Field(10, gt=0)
+    """Attempts per S3 request; standard retry mode backs off exponentially up to 20 s."""
     shared_path: StrictBool = False
+    """Local paths in run.storage, data.dataset_root and data.sources are on storage that every node
+    of the cluster mounts (NFS, a shared volume): without it they are refused on a multi-node cluster."""
 
 
 @dataclass(config=_SECTION)
 class ServeConfig:
     """The Ray Serve application of a published model (charnn.serve, jobs/serve.py)."""
 
-    poll_s: StrictFloat = Field(10.0, gt=0)  # how often a replica looks for a newly published version
-    max_length: StrictInt = Field(2000, gt=0)  # the most characters one request may ask for
+    poll_s: StrictFloat = Field(10.0, gt=0)
+    """How often a replica looks for a newly published version."""
+    max_length: StrictInt = Field(2000, gt=0)
+    """The most characters one request may ask for."""
     replicas: StrictInt = Field(1, gt=0)
-    max_batch: StrictInt = Field(64, gt=0)  # streams a replica samples in one forward at most
+    """Ray Serve replicas of the model."""
+    max_batch: StrictInt = Field(64, gt=0)
+    """Streams a replica samples in one forward at most."""
 
 
 @dataclass(config=_SECTION)
 class Spec:
+    """A job spec: one section of each kind."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -199,474 +266,26 @@ class Spec:
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
-_SECTIONS: dict[str, type] = typing.get_type_hints(Spec)
-_SPEC = TypeAdapter(Spec)
+def spec_fields() -> Iterator[tuple[str, FieldInfo]]:
+    """Every field of the schema as (dotted key, pydantic's FieldInfo), in the schema's order."""
+    for section, cls in typing.get_type_hints(Spec).items():
+        for name, info in cls.__pydantic_fields__.items():
+            yield f"{section}.{name}", info
 
 
-# A section's fields and their plain types (Strict and constraints stripped): int, float, bool, str,
-# Optional[str], list[str] or a Literal of choices.
-_fields = functools.cache(typing.get_type_hints)
+def role_of(info: FieldInfo) -> Optional[str]:
+    extra = info.json_schema_extra
+    return extra.get("affects") if isinstance(extra, dict) else None
 
 
-class _BriefRepr(reprlib.Repr):
-    """repr for error messages: short however large, deep or aliased the value."""
+@functools.cache
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """The dotted keys whose role is ``role``, in the schema's order."""
+    assert role in ROLES, role
+    return tuple(dotted for dotted, info in spec_fields() if role_of(info) == role)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxstring, self.maxother = 3, 60, 60
 
-    def repr_int(self, x: int, level: int) -> str:
-        # repr() of a huge int is slow, and past 4300 digits an error.
-        return super().repr_int(x, level) if x.bit_length() <= 1000 else f"<{x.bit_length()}-bit int>"
-
-
-_brief = _BriefRepr()
-
-
-def _masked(v: Any) -> Any:
-    """A value for an error message: credentials masked before repr cuts it short (a URL cut
-    inside its password would no longer be recognisable as one)."""
-    from charnn.storage import redact
-
-    if isinstance(v, str):
-        return redact(v)
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return [redact(x) for x in v]
-    return v
-
-
-def _show(v: Any) -> str:
-    r = _brief.repr(_masked(v))
-    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
-
-
-_TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str",
-               Optional[str]: "a str or null", Optional[int]: "an int or null",
-               list[str]: "a str or a list of str"}
-_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
-           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
-
-
-def _unknown(origin: str, what: str, name: str, prefix: str, valid: Sequence[str]) -> SpecError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid: {', '.join(valid)}"
-    return SpecError(f"{origin}: unknown {what} '{prefix}{name}' ({hint})")
-
-
-def _need(error: dict, hint: Any) -> Optional[str]:
-    """What a failed constraint asks of a value ("be > 0"), or None for a wrong type."""
-    kind, ctx = error["type"], error.get("ctx", {})
-    if kind in _BOUNDS:
-        bound = ctx[_BOUNDS[kind][0]]  # pydantic gives a float field's bounds as floats: 0 reads better
-        return f"be {_BOUNDS[kind][1]} {int(bound) if float(bound).is_integer() else bound}"
-    if kind == "literal_error":
-        return f"be one of {', '.join(typing.get_args(hint))}"
-    if kind == "string_pattern_mismatch":  # pydantic searches, so the pattern is anchored
-        return f"match {ctx['pattern'].removeprefix('^').removesuffix('$')}"
-    return {"too_short": "be non-empty", "spec_rule": ctx.get("need")}.get(kind)
-
-
-def _position(tree: dict, loc: tuple) -> tuple[int, int]:
-    return list(tree).index(loc[0]), list(tree[loc[0]]).index(loc[1]) if len(loc) > 1 else -1
-
-
-def _translate(e: ValidationError, tree: dict, origin: str) -> SpecError:
-    """The one-line SpecError for the first error in the tree's order."""
-    error = min(e.errors(include_url=False, include_input=False),  # input: str() of a huge int fails
-                key=lambda err: _position(tree, err["loc"]))
-    loc, kind, section = error["loc"], error["type"], error["loc"][0]
-    if kind == "unexpected_keyword_argument":  # extra="forbid"
-        if len(loc) == 1:
-            return _unknown(origin, "section", section, "", list(_SECTIONS))
-        return _unknown(origin, "key", loc[1], f"{section}.", list(_fields(_SECTIONS[section])))
-    if len(loc) == 1:
-        return SpecError(f"{origin}: {section} must be a mapping of keys, got {_show(tree[section])}")
-    dotted, hint, v = f"{section}.{loc[1]}", _fields(_SECTIONS[section])[loc[1]], tree[section][loc[1]]
-    if isinstance(v, SpecError):  # a ${NAME} that _expand_value could not expand
-        return v
-    need = _need(error, hint) if isinstance(v, str) or kind != "literal_error" else None
-    if need is None:
-        need = _TYPE_NAMES.get(hint, "a str")  # a Literal of choices is a str
-        if hint is float and type(v) in (int, float):  # inf, nan, or an int too big
-            need += " (finite)"
-        return SpecError(f"{origin}: {dotted} must be {need}, got {_show(v)}")
-    got = error.get("ctx", {}).get("got", float(v) if hint is float else v)  # an int given for a float
-    return SpecError(f"{dotted} must {need}, got {_brief.repr(_masked(got))} (in {origin})")
-
-
-def _validate(tree: dict, origin: str) -> Spec:
-    try:
-        return _SPEC.validate_python(tree)
-    except ValidationError as e:
-        raise _translate(e, tree, origin) from None
-
-
-# ${NAME} in a spec's string values is the environment variable NAME, so that a secret need not be
-# typed on a command line (which `ray job submit` logs and `ps` shows): $$ is a literal $, and any
-# other $ stands for itself.  Expanded once, where a spec is read (files, --set); spec_from_dict,
-# which rebuilds a spec that was read already (Ray's workers), leaves values as they are.
-_ENV_REFERENCE = re.compile(r"\$(\$|\{(?:[A-Za-z_][A-Za-z0-9_]*\})?)")
-_STRING_HINTS = (str, Optional[str], list[str])
-
-
-def _expand_env(value: str, dotted: str, origin: str) -> str:
-    def substitute(m: "re.Match[str]") -> str:
-        ref = m.group(1)
-        if ref == "$":
-            return "$"
-        if ref == "{":
-            bad = value[m.start():m.start() + 24]
-            raise SpecError(f"{origin}: {dotted} holds {bad!r}, not a ${{NAME}} reference; write ${{NAME}} "
-                            f"(NAME: letters, digits and _, not starting with a digit) or $$ for a literal $")
-        name = ref[1:-1]
-        if name not in os.environ:
-            raise SpecError(f"{origin}: {dotted} names environment variable {name}, which is not set; "
-                            f"export it (or write $$ for a literal $)")
-        return os.environ[name]
-
-    return _ENV_REFERENCE.sub(substitute, value)
-
-
-# YAML's flow collections take braces as syntax: [https://u:${TOKEN}@host/x] would not parse.
-# References are hidden from the YAML reader behind two private-use characters and put back after.
-_HIDE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_OPEN, _CLOSE = "\ue000", "\ue001"
-
-
-def _load_hiding_references(text: str) -> Any:
-    if _OPEN in text or _CLOSE in text or "${" not in text:
-        return _load(text)
-    return _unhide(_load(_HIDE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text)))
-
-
-def _unhide(v: Any) -> Any:
-    if isinstance(v, str):
-        return v.replace(_OPEN, "{").replace(_CLOSE, "}")
-    if isinstance(v, list):
-        return [_unhide(x) for x in v]
-    if isinstance(v, dict):
-        return {_unhide(k): _unhide(x) for k, x in v.items()}
-    return v
-
-
-def _text(key: Any) -> str:
-    """A key as pydantic is to see it: YAML's `on:`, `1:` or `~:` are not strings (and not valid keys)."""
-    return key if isinstance(key, str) else _brief.repr(key) if isinstance(key, int) else str(key)
-
-
-def _prepare(d: Any, origin: str, expand: bool) -> dict:
-    """The tree as pydantic is to see it: `train:` with nothing under it is {}, keys are strings, and
-    with ``expand`` the ${NAME} references in string keys' values are the environment's values."""
-    if not isinstance(d, dict):
-        raise SpecError(f"{origin}: top level must be a mapping of sections, got {_show(d)}")
-    tree = {}
-    for section, body in d.items():
-        body = {} if body is None else body
-        if section in _SECTIONS and isinstance(body, dict):
-            hints = _fields(_SECTIONS[section])
-            body = {_text(key): _expand_value(v, hints.get(key), f"{section}.{key}", origin) if expand else v
-                    for key, v in body.items()}
-        tree[_text(section)] = body
-    return tree
-
-
-def _expand_value(v: Any, hint: Any, dotted: str, origin: str) -> Any:
-    """``v`` with its ${NAME} references expanded if it is a string key's value of the right type;
-    anything else is left for pydantic to refuse, and so is the SpecError of a reference that cannot
-    be expanded: the first problem in the tree's order is the one reported."""
-    if hint not in _STRING_HINTS and typing.get_origin(hint) is not Literal:
-        return v
-    try:
-        if isinstance(v, str):
-            return _expand_env(v, dotted, origin)
-        if hint == list[str] and isinstance(v, list) and all(isinstance(x, str) for x in v):
-            return [_expand_env(x, dotted, origin) for x in v]
-    except SpecError as e:
-        return e
-    return v
-
-
-def _convert_tree(d: Any, origin: str, expand: bool = False) -> dict[str, dict[str, Any]]:
-    """Type-check and coerce a partial {section: {key: value}} tree; absent keys stay absent.
-    ``expand``: string values' ${NAME} references are replaced by the environment's values."""
-    tree = _prepare(d, origin, expand)
-    spec = _validate(tree, origin)  # absent keys take defaults, which pydantic does not check
-    return {section: {key: getattr(getattr(spec, section), key) for key in body} for section, body in tree.items()}
-
-
-def spec_from_dict(d: dict, origin: str = "<dict>") -> Spec:
-    """Build and validate a Spec from a plain, possibly partial dict; absent keys take defaults."""
-    tree = _convert_tree(d, origin)
-    # Defaults are checked too, given as values: data.sources has no valid default.
-    spec = _validate(_merge(spec_to_dict(Spec()), tree), origin)
-    if spec.cluster.min_workers and spec.cluster.min_workers > spec.cluster.num_workers:
-        raise SpecError(f"cluster.min_workers must be <= cluster.num_workers ({spec.cluster.num_workers}), got "
-                        f"{spec.cluster.min_workers} (in {origin})")
-    return spec
-
-
-def check_value(dotted: str, value: Any, origin: str) -> Any:
-    """`value` coerced and checked as spec key `dotted` is: for a command-line flag that stands
-    for a spec key, such as jobs/generate.py --model for retrain.model."""
-    section, key = dotted.split(".")
-    return _convert_tree({section: {key: value}}, origin)[section][key]
-
-
-def spec_to_dict(spec: Spec) -> dict:
-    return dataclasses.asdict(spec)
-
-
-def _map_strings(d: Any, fn: Any) -> Any:
-    if isinstance(d, str):
-        return fn(d)
-    if isinstance(d, list):
-        return [_map_strings(x, fn) for x in d]
-    if isinstance(d, dict):
-        return {k: _map_strings(v, fn) for k, v in d.items()}
-    return d
-
-
-def redacted_dict(spec: Spec) -> dict:
-    """``spec_to_dict`` with the credentials in its values masked: what may leave the driver
-    (Ray records train_loop_config and serves it on its dashboard).  It is still a valid spec, and
-    its dump is the spec's own; workers never need data.sources, the only key that may hold any."""
-    from charnn.storage import redact
-
-    return _map_strings(spec_to_dict(spec), redact)
-
-
-def dump_spec(spec: Spec) -> str:
-    """The resolved spec as YAML, for the records: credentials masked, each `$` written `$$` so that
-    load_spec reads the file back as the spec that ran."""
-    from charnn.storage import redact
-
-    tree = _map_strings(redacted_dict(spec), lambda v: v.replace("$", "$$"))
-    return redact(yaml.dump(tree, Dumper=_Dumper, sort_keys=False))
-
-
-# Spec text is read with bounds, so that a few hundred hostile bytes cannot cost gigabytes, minutes
-# or a traceback: on size, on nesting (PyYAML composes recursively) and on what aliases expand to.
-_MAX_BYTES = 1 << 20  # a spec holds settings, not data
-_MAX_DEPTH = 50  # real specs nest 4 levels: the document, a section, a list, its items
-_MAX_ALIAS_NODES = 10_000  # nodes that aliases may add; a 400-byte "billion laughs" adds 10**9
-_TOO_BIG = "too large (over 1 MiB); a spec holds settings, not data"
-_TOO_MANY = f"YAML aliases expand too much (over {_MAX_ALIAS_NODES} nodes); write the values out"
-
-# YAML 1.2 numbers: 1e-3 is a float, 010 is ten and 1:30 a string (YAML 1.1 says: a string, eight
-# and ninety). Digits may be grouped with "_" as before.
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_DIGITS = r"[0-9](?:_?[0-9])*"
-_INT = re.compile(rf"[-+]?{_DIGITS}\Z|0o[0-7]+\Z|0x[0-9a-fA-F]+\Z")
-_FLOAT = re.compile(rf"[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?[0-9]+)?\Z"
-                    r"|[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z")
-
-
-class _Refused(Exception):
-    """A bound or rule of the spec reader; `mark` locates it in the text when known."""
-
-    def __init__(self, problem: str, mark: Any = None):
-        super().__init__(problem)
-        self.problem, self.mark = problem, mark
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader (specs must never run code) with YAML 1.2 numbers, no duplicate keys and the
-    bounds above. Aliases are never expanded to measure them: each node's size, aliases
-    expanded, is summed up as the document is composed."""
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self._sizes: dict[int, int] = {}  # id(node) -> its node count, aliases expanded
-        self._open: list[int] = []  # the same so far, for the nodes being composed
-        self._composed = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        mark = self.peek_event().start_mark
-        if self.check_event(yaml.AliasEvent):
-            node = super().compose_node(parent, index)
-            size = self._sizes.get(id(node))  # None: its anchor is still open, the alias holds itself
-            if size is None:
-                raise _Refused(_TOO_MANY, mark)
-            self._open[-1] += size
-            return node
-        if len(self._open) == _MAX_DEPTH:
-            raise _Refused(f"nested too deeply (over {_MAX_DEPTH} levels); spec values are at most lists",
-                           mark)
-        self._open.append(1)
-        node = super().compose_node(parent, index)
-        size = self._open.pop()
-        self._composed += 1
-        if size > self._composed + _MAX_ALIAS_NODES:  # all its own nodes are composed: the rest is aliases
-            raise _Refused(_TOO_MANY, mark)
-        self._sizes[id(node)] = size
-        if self._open:
-            self._open[-1] += size
-        return node
-
-    def compose_mapping_node(self, anchor: Any) -> Any:
-        node = super().compose_mapping_node(anchor)
-        seen = set()
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if (key.tag, key.value) in seen:
-                    raise _Refused(f"duplicate key {_brief.repr(key.value)}; keep only one",
-                                   key.start_mark)
-                seen.add((key.tag, key.value))
-        return node
-
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError):
-            # Explicit tags and odd dates reach constructors that trust their input:
-            # `!!bool maybe`, `2020-13-45`, an int past Python's 4300 digits.
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            raise _Refused(f"cannot read {_brief.repr(node.value)} as {tag}", node.start_mark) from None
-
-    def construct_yaml_int(self, node: Any) -> int:
-        text = self.construct_scalar(node).replace("_", "")
-        return int(text, {"0o": 8, "0x": 16}.get(text[:2], 10))
-
-
-_Loader.add_constructor(_INT_TAG, _Loader.construct_yaml_int)
-_Loader.yaml_implicit_resolvers = {  # without YAML 1.1's numbers; the 1.2 ones are added below
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-
-class _Dumper(yaml.SafeDumper):
-    """Quotes strings that YAML 1.1 or the spec loader would read as numbers, so that a dump
-    loads back as itself with either."""
-
-
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
-    _cls.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
-
-
-def _load(text: str) -> Any:
-    """One YAML document, read with the spec loader; raises yaml.YAMLError or _Refused."""
-    loader = _Loader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
-    return out
-
-
-def _read(path: str, missing: str) -> Any:
-    try:
-        if not stat.S_ISREG(os.stat(os.path.expanduser(path)).st_mode):  # a FIFO would block open()
-            raise _Refused("not a regular file; give the path of a YAML spec file")
-        with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            text = fh.read(_MAX_BYTES + 1)
-        if len(text) > _MAX_BYTES:
-            raise _Refused(f"spec file {_TOO_BIG}")
-        return _load_hiding_references(text)
-    except FileNotFoundError:
-        raise SpecError(missing) from None
-    except _Refused as e:
-        where = f"{path}:{e.mark.line + 1}" if e.mark else path
-        raise SpecError(f"{where}: {_unhide(e.problem)}") from None
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else "?"
-        raise SpecError(f"{path}:{line}: invalid YAML: {e.problem or e.context}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: cannot read spec file: {e}") from None
-
-
-def _resolve(path: str, chain: tuple[tuple[str, str], ...], missing: str, done: dict[str, dict]) -> dict:
-    """Merge a file over its parents; `chain` holds (realpath, shown path) of the files above,
-    `done` the merged trees of files already read."""
-    if "\0" in path:  # no OS call takes it
-        raise SpecError(f"{path}: cannot read spec file: the path holds a NUL character")
-    real = os.path.realpath(os.path.expanduser(path))
-    reals = [r for r, _ in chain]
-    if real in reals:
-        start = chain[reals.index(real)][1]
-        loop = [shown for _, shown in chain[reals.index(real):]] + [path]
-        names = " -> ".join(os.path.relpath(p, os.path.dirname(start) or ".") for p in loop)
-        raise SpecError(f"{start}: extend cycle {names}")
-    if real in done:  # read each file once, however often it is extended: no fan-out blow-up
-        return done[real]
-    raw = _read(path, missing)
-    if raw is None:  # an empty or comment-only file
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: top level of a spec file must be a mapping, got {_show(raw)}")
-    own = dict(raw)
-    parents = own.pop("extend", None)
-    parents = [] if parents is None else [parents] if isinstance(parents, str) else parents
-    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        got = _show(raw["extend"])
-        raise SpecError(f"{path}: extend must be a path or a list of paths, got {got}")
-    merged: dict = {}
-    for parent in parents:  # later parents win
-        ppath = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(parent)))
-        merged = _merge(merged, _resolve(ppath, chain + ((real, path),),
-                                         f"{path}: extends missing file '{parent}'", done))
-    done[real] = _merge(merged, _convert_tree(own, path, expand=True))
-    return done[real]
-
-
-def _set_origin(text: str) -> str:
-    from charnn.storage import redact
-
-    text = redact(text)  # before it is cut short, which could leave half a password unrecognisable
-    return f"--set {text if len(text) <= 80 else text[:77] + '...'}"
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    origin = _set_origin(text)
-    key, sep, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(parts):
-        raise SpecError(f"{origin}: expected dotted.key=value")
-    if not raw.strip():
-        return parts, ""  # `--set run.name=` means empty string, not null
-    if len(raw) > _MAX_BYTES:
-        raise SpecError(f"{origin}: value {_TOO_BIG}")
-    try:
-        return parts, _load_hiding_references(raw)  # the spec files' loader: same numbers, same bounds
-    except _Refused as e:
-        raise SpecError(f"{origin}: {_unhide(e.problem)}") from None
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or e
-        raise SpecError(f"{origin}: value is not valid YAML ({problem}); quote it") from None
-
-
-def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
-    """Load a spec file, resolve `extend`, apply `dotted.key=value` overrides in order, validate."""
-    tree = _resolve(path, (), f"spec file not found: {path}", {})
-    for text in overrides:
-        parts, value = _parse_override(text)
-        for part in reversed(parts):
-            value = {part: value}
-        tree = _merge(tree, _convert_tree(value, _set_origin(text), expand=True))
-    return spec_from_dict(tree, origin=path)
-
-
-def add_spec_arguments(parser: argparse.ArgumentParser, default_spec: str | None = None) -> None:
-    default = f" (default: {default_spec})" if default_spec else ""
-    parser.add_argument("--spec", metavar="PATH", default=default_spec,
-                        required=default_spec is None, help="job spec YAML file" + default)
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="overrides", default=[],
-                        help="override a spec key, value parsed as YAML (repeatable), "
-                             "e.g. --set train.lr=0.002 --set data.sources=[a,b]")
-
-
-def spec_from_args(args: argparse.Namespace) -> Spec:
-    return load_spec(args.spec, getattr(args, "overrides", None) or ())
-
-
-def expand_path(url: str) -> str:
-    """Expand `~` and absolutize local paths; URLs (anything with "://") pass through."""
-    if "://" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
+def role_settings(spec: Spec, role: str) -> dict[str, Any]:
+    """{dotted key: the spec's value} of the fields whose role is ``role``, in the schema's order."""
+    return {dotted: getattr(getattr(spec, dotted.split(".")[0]), dotted.split(".")[1])
+            for dotted in fields_with_role(role)}

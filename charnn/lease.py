@@ -41,6 +41,7 @@ What "create-only" and "compare-and-swap" mean on each backend:
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -48,13 +49,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from charnn.errors import Busy, CharnnError, UserError
-from charnn.storage import (StorageError, Store, create_exclusive, describe_error, is_local, is_s3, read_tagged,
+from charnn.storage import (StorageError, Store, create_exclusive, describe_error, is_local, is_s3, join, read_tagged,
                             replace_if_match)
 
 DEFAULT_MAX_HOLD_S = 6 * 3600.0  # longer than any retrain should take; shorter than the nightly schedule
 LOCK_FILE = ".lock"
+LEASE_FORMAT = 1  # the newest lease record format this code reads and writes
 
 log = logging.getLogger("charnn.lease")
 
@@ -86,8 +91,88 @@ def has_ended(process) -> bool:
     if not isinstance(process, dict) or not isinstance(process.get("pid"), int):
         return False
     here = this_process()
-    same_machine = here["boot"] and here["pidns"] and (process.get("boot"), process.get("pidns")) == (here["boot"], here["pidns"])
+    same_machine = (here["boot"] and here["pidns"]
+                    and (process.get("boot"), process.get("pidns")) == (here["boot"], here["pidns"]))
     return bool(same_machine) and not os.path.exists(f"/proc/{process['pid']}")
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """One record under ``lease/``: who holds the lease, until when.  Format 1 is the record as
+    written before records had a format, key for key, and carries no "format" key, so holders of
+    either age read each other's records; records from before "acquired" and "process" lack them."""
+
+    owner: str
+    expires: float  # a time.time(): the lease is free after it unless renewed
+    released: bool = False
+    acquired: float | None = None  # when the holder took it: retention keeps what it may have read since
+    process: dict | None = None  # this_process() of the holder, for has_ended
+    format: int = LEASE_FORMAT
+
+    def to_json(self) -> bytes:
+        record: dict[str, Any] = {"owner": self.owner, "expires": self.expires, "released": self.released}
+        if self.acquired is not None:
+            record["acquired"] = self.acquired
+        if self.process is not None:
+            record["process"] = self.process
+        if self.format != 1:
+            record["format"] = self.format
+        return json.dumps(record).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "LeaseRecord | None":
+        """The record in ``data``, or None when it is torn, not a record, or of a newer format than
+        this code knows: the callers then count it as live until it expires by its modification time."""
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("expires"), (int, float)):
+            return None
+        version = raw.get("format", 1)
+        if not isinstance(version, int) or version > LEASE_FORMAT:
+            return None
+        owner, acquired, process = raw.get("owner"), raw.get("acquired"), raw.get("process")
+        return cls(owner if isinstance(owner, str) else "", raw["expires"], bool(raw.get("released")),
+                   acquired if isinstance(acquired, (int, float)) else None,
+                   process if isinstance(process, dict) else None, version)
+
+    def ended(self, now: float) -> bool:
+        """Released or expired: the next writer may take the lease."""
+        return self.released or self.expires < now
+
+
+class LeaseState(enum.Enum):
+    """A Lease object's life: NEW until taken, HELD while renewed, then LOST (its record stopped being
+    this writer's, or max_hold_s passed) or RELEASED; both are final, and check() fails in either."""
+
+    NEW = "new"
+    HELD = "held"
+    LOST = "lost"
+    RELEASED = "released"
+
+
+class Renewal:
+    """The thread that renews a held lease every ``every_s`` until ``renew_once`` says it is lost or
+    ``stop`` is set; a renewal that fails is retried next time (check() reports an expiry)."""
+
+    def __init__(self, renew_once: Callable[[], bool], every_s: float, url: str, stop: threading.Event):
+        self.renew_once, self.every_s, self.url, self._stop = renew_once, every_s, url, stop
+        self._thread = threading.Thread(target=self._run, daemon=True, name="charnn-lease")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                if not self.renew_once():
+                    return
+            except Exception as exc:  # noqa: BLE001 - a missed renewal is retried; check() reports expiry
+                log.warning("could not renew the lease: %s", describe_error(self.url, exc))
+
+    def stop(self, wait_s: float = 30.0) -> None:
+        """Stop, waiting for a renewal in flight: it would otherwise race the holder's release."""
+        self._stop.set()
+        self._thread.join(wait_s)
 
 
 class LeasedDirectory:
@@ -97,15 +182,16 @@ class LeasedDirectory:
     Error: type[UserError] = LeaseError
     writer = "writer"  # who holds the lease, for messages: "another <writer> holds the lease of ..."
 
-    def __init__(self, url: str, store: Store = Store()):
+    def __init__(self, url: str, store: Store):
         self.url = url.rstrip("/")
         self.store = store
         try:
+            # The conditional writes below the Store take (filesystem, path): the lease's records and
+            # the registry's pointer are written through them.
             self.fs, self.path = store.fs(self.url)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot open {describe_error(self.url, exc)}") from None
         self._writes_checked = False  # the self-test of conditional writes, once per object
-        self._held: Lease | None = None  # the lease this object holds now
 
     @property
     def _lock(self) -> str | None:
@@ -131,16 +217,25 @@ class LeasedDirectory:
 
     def lease_numbers(self) -> list[int]:
         """The numbers of the lease records there are, in order (the newest is the current or last holder's)."""
-        directory = f"{self.path}/lease"
-        self.fs.invalidate_cache()
         try:
+            names = self.store.names(join(self.url, "lease"))
+        except FileNotFoundError:
             # On S3 the directory is only its objects' common prefix: it vanishes when another
             # writer's start-up probe (the only object in it) is removed between exists() and ls().
-            listing = self.fs.ls(directory, detail=False) if self.fs.exists(directory) else []
-        except FileNotFoundError:
             return []
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in listing)
         return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def record_path(self, number: int) -> str:
+        return f"{self.path}/lease/{number:06d}.json"
+
+    def record_url(self, number: int) -> str:
+        return f"{self.url}/lease/{number:06d}.json"
+
+    def read_record(self, number: int) -> tuple[LeaseRecord | None, str, float | None]:
+        """(lease record ``number``, or None if it is not a valid one; its tag; its modification time);
+        FileNotFoundError if there is none."""
+        data, tag, modified = read_tagged(self.fs, self.record_path(number))
+        return LeaseRecord.from_json(data), tag, modified
 
     def _check_conditional_writes(self) -> None:
         """Refuse a store that ignores conditional writes, before trusting it with the lease: create a
@@ -203,41 +298,27 @@ class Lease:
 
     def __init__(self, directory: "LeasedDirectory", seconds: float, max_hold_s: float = DEFAULT_MAX_HOLD_S):
         self.directory, self.seconds, self.max_hold_s = directory, seconds, max_hold_s
-        self.fs, self.dir = directory.fs, f"{directory.path}/lease"
+        self.fs = directory.fs
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.number: int | None = None
+        self.state = LeaseState.NEW
+        self.lost_reason: str | None = None  # why, once LOST
+        self._record: LeaseRecord | None = None  # what this holder writes, its expiry aside
         self._tag: str | None = None  # the version of our record that we last wrote: renewals compare with it
         self._since = 0.0  # time.monotonic() when the lease was taken, for max_hold_s
-        self._acquired = 0.0  # the same, as a timestamp, for the record
-        self._released = False
-        self._stop = threading.Event()
-        self._lost: str | None = None
-        self._thread: threading.Thread | None = None
-
-    def _path(self, number: int) -> str:
-        return f"{self.dir}/{number:06d}.json"
-
-    def _url(self, number: int) -> str:
-        return f"{self.directory.url}/lease/{number:06d}.json"
+        self._stop = threading.Event()  # ends the renewals (set directly: a writer that died, in tests)
+        self._renewal: Renewal | None = None
 
     def _numbers(self) -> list[int]:
         return self.directory.lease_numbers()
 
     def _body(self, expires: float, released: bool = False) -> bytes:
-        return json.dumps({"owner": self.owner, "expires": expires, "released": released,
-                           "acquired": self._acquired, "process": this_process()}).encode()
+        return replace(self._record, expires=expires, released=released).to_json()
 
-    def _read(self, number: int) -> tuple[dict | None, str, float | None]:
-        """(record, or None if it is not a valid record; its tag; its modification time)."""
-        data, tag, modified = read_tagged(self.fs, self._path(number))
-        try:
-            record = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            return None, tag, modified
-        valid = isinstance(record, dict) and isinstance(record.get("expires"), (int, float))
-        return (record if valid else None), tag, modified
+    def _read(self, number: int) -> tuple[LeaseRecord | None, str, float | None]:
+        return self.directory.read_record(number)
 
-    def _live_holder(self, number: int) -> dict | None:
+    def _live_holder(self, number: int) -> LeaseRecord | None:
         """The lease record if it is live (unexpired, unreleased), else None."""
         try:
             record, _, modified = self._read(number)
@@ -246,22 +327,21 @@ class Lease:
         if record is None:
             # Torn or empty: its creator may be writing it right now, or died doing so.  Either way
             # it counts as live for one lease length from when it was last written, then expires.
-            record = {"owner": "an unreadable record (a writer starting up, or one that died)",
-                      "expires": (modified or 0.0) + self.seconds}
-        if record.get("released") or record["expires"] < time.time():
+            record = LeaseRecord("an unreadable record (a writer starting up, or one that died)",
+                                 (modified or 0.0) + self.seconds)
+        if record.ended(time.time()):
             return None
-        if has_ended(record.get("process")):  # killed outright on this machine: no need to wait for expiry
-            log.info("the holder of %s (%s) is no longer running; its lease is taken over", self._url(number),
-                     record.get("owner"))
+        if has_ended(record.process):  # killed outright on this machine: no need to wait for expiry
+            log.info("the holder of %s (%s) is no longer running; its lease is taken over",
+                     self.directory.record_url(number), record.owner)
             return None
         return record
 
     def acquire(self) -> None:
         self.directory._check_conditional_writes()
         self.directory._guard("take the lease of", self._take)
-        self.directory._held = self
-        self._thread = threading.Thread(target=self._renew, daemon=True, name="charnn-lease")
-        self._thread.start()
+        self.state = LeaseState.HELD
+        self._renewal = Renewal(self._renew_once, self.seconds / 3, self.directory.url, self._stop)
 
     def _take(self) -> None:
         numbers = self._numbers()
@@ -272,21 +352,24 @@ class Lease:
         # After the newest record and after the pointer's fence: numbers never go back, even if
         # lease/ was deleted, so a new holder's fence is above every published one.
         number = max(latest, self.directory._fence()) + 1
-        self._since, self._acquired = time.monotonic(), time.time()
+        self._since = time.monotonic()
+        self._record = LeaseRecord(self.owner, 0.0, acquired=time.time(), process=this_process())
         self._tag = self._create_record(number)
         self.number = number
         self._prune(numbers[:-1])  # keep the newest two records for post-mortems
 
     def _create_record(self, number: int) -> str:
+        directory = self.directory
         try:
-            tag = create_exclusive(self.fs, self._path(number), self._body(time.time() + self.seconds), self.directory._lock)
+            tag = create_exclusive(self.fs, directory.record_path(number), self._body(time.time() + self.seconds),
+                                   directory._lock)
         except FileExistsError:
             tag = None  # S3 may have stored our first attempt and refused the retry: then it is ours
         if tag is None:
             tag = self._own_tag(number)
         if tag is None:
-            raise self.directory.Busy(f"another {self.directory.writer} of {self.directory.url} took its lease just now; "
-                               f"this one stops without writing")
+            raise directory.Busy(f"another {directory.writer} of {directory.url} took its lease just now; "
+                                 f"this one stops without writing")
         return tag
 
     def _own_tag(self, number: int) -> str | None:
@@ -295,34 +378,26 @@ class Lease:
             record, tag, _ = self._read(number)
         except FileNotFoundError:
             return None
-        return tag if record and record.get("owner") == self.owner and not record.get("released") else None
+        return tag if record and record.owner == self.owner and not record.released else None
 
     def _prune(self, numbers: list[int]) -> None:
         """Delete old records; the new lease exists already, so a failure here costs nothing."""
         for old in numbers:
             try:
-                self.fs.rm(self._path(old))
+                self.fs.rm(self.directory.record_path(old))
             except FileNotFoundError:
                 pass  # another writer pruned it
             except Exception as exc:  # noqa: BLE001
-                log.warning("could not remove the old lease record %s: %s", self._url(old),
+                log.warning("could not remove the old lease record %s: %s", self.directory.record_url(old),
                             describe_error(self.directory.url, exc))
 
-    def _busy_message(self, number: int, holder: dict) -> str:
-        left = max(0, holder["expires"] - time.time())
-        return (f"another {self.directory.writer} holds the lease of {self.directory.url} ({holder['owner']}, "
+    def _busy_message(self, number: int, holder: LeaseRecord) -> str:
+        left = max(0, holder.expires - time.time())
+        return (f"another {self.directory.writer} holds the lease of {self.directory.url} ({holder.owner}, "
                 f"for {left:.0f} s more unless renewed); this one stops without writing. If that job is dead, "
                 f"wait for its lease to expire; to free it sooner, make sure that job is stopped, then set "
-                f"\"released\": true in {self._url(number)} (keep the lease records: their numbers fence "
-                f"the writers)")
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
-            try:
-                if not self._renew_once():
-                    return
-            except Exception as exc:  # noqa: BLE001 - a missed renewal is retried; check() reports expiry
-                log.warning("could not renew the lease: %s", describe_error(self.directory.url, exc))
+                f"\"released\": true in {self.directory.record_url(number)} (keep the lease records: their "
+                f"numbers fence the writers)")
 
     def _renew_once(self) -> bool:
         """Extend our record if it is still ours; False, and the lease is lost, once it is not."""
@@ -344,7 +419,8 @@ class Lease:
         """Write our record if it is still the version we last wrote; its new tag, or None."""
         if self._tag is None:  # never "create if absent": a record that vanished stays gone
             return None
-        return replace_if_match(self.fs, self._path(self.number), body, self._tag, self.directory._lock)
+        return replace_if_match(self.fs, self.directory.record_path(self.number), body, self._tag,
+                                self.directory._lock)
 
     def _overdue(self) -> str | None:
         if self.number is not None and time.monotonic() - self._since > self.max_hold_s:
@@ -352,22 +428,22 @@ class Lease:
         return None
 
     def _lose(self, reason: str) -> bool:
-        if not self._lost:
-            self._lost = reason
+        if self.state is LeaseState.HELD:
+            self.state, self.lost_reason = LeaseState.LOST, reason
             log.warning("lost the lease of %s: %s", self.directory.url, reason)
         return False
 
     def check(self) -> None:
         """Raise the directory's Busy unless this writer still holds a live lease."""
-        reason = self._lost or self._overdue() or self.directory._guard("check the lease of", self._not_held)
+        reason = self.lost_reason or self._overdue() or self.directory._guard("check the lease of", self._not_held)
         if reason:
             raise self.directory.Busy(f"lost the lease of {self.directory.url} ({reason}); nothing was published")
 
     def _not_held(self) -> str | None:
         """Why this writer does not hold the lease now, or None if it does."""
-        if self.number is None:
+        if self.state is LeaseState.NEW:
             return "it was never taken"
-        if self._released:
+        if self.state is LeaseState.RELEASED:
             return "this job released it"
         numbers = self._numbers()
         if not numbers or numbers[-1] != self.number:
@@ -376,28 +452,25 @@ class Lease:
             record, _, _ = self._read(self.number)
         except FileNotFoundError:
             return "its record was removed"
-        if record is None or record.get("owner") != self.owner:
+        if record is None or record.owner != self.owner:
             return "another writer took it over"
-        if record.get("released"):
+        if record.released:
             return "it was released"
-        if record["expires"] < time.time():
+        if record.expires < time.time():
             return "expired"
         return None
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)  # a renewal in flight would otherwise race the release below
-        if self.directory._held is self:
-            self.directory._held = None
-        if self.number is not None and not self._lost and not self._released:
-            self._released = True
-            try:
-                if self._replace(self._body(0.0, released=True)) is None:
-                    log.warning("did not release the lease of %s: its record is no longer this job's",
-                                self.directory.url)
-            except Exception as exc:  # noqa: BLE001 - an unreleased lease just expires
-                log.warning("could not release the lease: %s", describe_error(self.directory.url, exc))
+        if self._renewal is not None:
+            self._renewal.stop()  # a renewal in flight would otherwise race the release below
+        if self.state is not LeaseState.HELD:
+            return
+        self.state = LeaseState.RELEASED
+        try:
+            if self._replace(self._body(0.0, released=True)) is None:
+                log.warning("did not release the lease of %s: its record is no longer this job's", self.directory.url)
+        except Exception as exc:  # noqa: BLE001 - an unreleased lease just expires
+            log.warning("could not release the lease: %s", describe_error(self.directory.url, exc))
 
     def __enter__(self) -> "Lease":
         self.acquire()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charnn.data.alphabet import alphabet_size
 from charnn.errors import UserError
 
 
@@ -24,6 +25,11 @@ class ModelShape:
     cell_size: int
     layers: int
     embedding: int = 0  # 0: one-hot input, as in the seed
+
+    @classmethod
+    def from_spec(cls, spec, alphabet: str) -> "ModelShape":
+        """The shape a spec's model settings give a model of ``alphabet``."""
+        return cls(alphabet_size(alphabet), spec.model.cell_size, spec.model.layers, spec.model.embedding)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -31,7 +31,6 @@ commit file is gone is unfinished to every reader, and to the next run, which re
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -52,10 +51,10 @@ from charnn.data.dataset import (MANIFEST, SEGMENT, SEGMENTS, SOURCES, VERSION_N
                                  load_manifest, read_sources)
 from charnn.data.sources import url_keys
 from charnn.errors import CharnnError, one_line
-from charnn.lease import Lease, LeasedDirectory, has_ended
+from charnn.lease import Lease, LeasedDirectory, LeaseRecord, has_ended
 from charnn.registry import VERSION_FILE, ModelRegistry, RegistryError
 from charnn.registry import VERSION_NAME as MODEL_VERSION_NAME
-from charnn.storage import StorageError, Store, describe_error, join, read_tagged, redact
+from charnn.storage import StorageError, Store, describe_error, join, redact
 
 KINDS = ("model_versions", "candidates", "rejected", "dataset_versions", "datasets", "segments", "blobs")
 REGISTRY_KINDS = KINDS[:3]
@@ -333,14 +332,12 @@ def kept_rounds(names: Iterable[str], keep: int) -> frozenset[str]:
     return frozenset((names - set(rounds)) | set(rounds[-keep:] if keep > 0 else ()))
 
 
-def lease_is_live(record: dict | None, modified: float | None, now: float) -> bool:
+def lease_is_live(record: LeaseRecord | None, modified: float | None, now: float) -> bool:
     """Whether a lease record (None: unreadable, ``modified``: when it was written) names a live holder:
     unreleased, unexpired, and not a process that has certainly ended on this machine."""
     if record is None:  # torn: its writer may be starting up; live for a while, like Lease's own rule
         return modified is None or now - modified < TORN_LEASE_S
-    if record.get("released") or record["expires"] < now:
-        return False
-    return not has_ended(record.get("process"))
+    return not record.ended(now) and not has_ended(record.process)
 
 
 def versions_in_use(written: Sequence[tuple[int, float]], since: float) -> set[int]:
@@ -452,16 +449,13 @@ def remove(removals: Sequence[Removal], stores: Mapping[str, Store], lease: Leas
 def _remove_urls(store: Store, urls: Sequence[str]) -> None:
     """Remove files and directories (recursively); what is gone already (a killed run's work) is skipped.
     The URLs are of one kind, so of one root and one filesystem: one bulk request (S3 deletes 1000 at once)."""
-    fs, _ = store.fs(urls[0])
-    paths = [store.fs(u)[1] for u in urls]
-
     def rm() -> None:
         try:
-            fs.rm(paths, recursive=True)
+            store.remove(list(urls), recursive=True)
         except FileNotFoundError:
-            for path in paths:
+            for url in urls:
                 try:
-                    fs.rm(path, recursive=True)
+                    store.remove(url, recursive=True)
                 except FileNotFoundError:
                     pass
     _guarded("remove", urls[0], rm)
@@ -480,13 +474,9 @@ def _guarded(what: str, url: str, action: Callable):
 def _listing(store: Store, url: str) -> list[Node]:
     """Every file and directory below ``url``, in one recursive listing."""
     def find() -> list[Node]:
-        fs, base = store.fs(url)
-        base = base.rstrip("/")
-        fs.invalidate_cache()
-        if not fs.exists(base):
-            return []
+        base = store.path(url).rstrip("/")
         try:
-            found = fs.find(base, withdirs=True, detail=True)
+            found = store.find(url, dirs=True)
         except FileNotFoundError:  # removed since exists(): nothing below it
             return []
         return [Node(name[len(base) + 1:], int(info.get("size") or 0), _mtime(info), info.get("type") == "directory")
@@ -540,14 +530,15 @@ def _survey_registry(registry: ModelRegistry, retrain: RetrainConfig, own: Lease
 
 def _version_dataset(registry: ModelRegistry, name: str) -> str | None:
     """The dataset URL a model version names: version.json's, else its model.pt's."""
-    info = registry.version(name).info
-    dataset = info.get("dataset") if isinstance(info, dict) else None
-    url = dataset.get("url") if isinstance(dataset, dict) else None
+    dataset = registry.version(name).info.dataset
+    url = dataset.url if dataset is not None else None
     return url if isinstance(url, str) else _checkpoint_dataset(registry.store, join(registry.url, "versions", name))
 
 
 def _checkpoint_dataset(store: Store, url: str) -> str | None:
-    """The dataset URL a checkpoint's model.pt names; None for one that cannot be read (nothing resumes it)."""
+    """The dataset URL a checkpoint's model.pt names; None for one that cannot be read (nothing resumes it).
+    Read as the raw payload, not as a CheckpointMeta: a model.pt that names its dataset keeps that
+    dataset whatever else it lacks."""
     try:
         payload = load_payload(url, store)
     except CheckpointError:
@@ -571,21 +562,14 @@ def _holder_since(store: Store, url: str, own: Lease | None, now: float) -> floa
     numbers = _guarded("list the lease of", url, directory.lease_numbers)
     if not numbers or (own is not None and own.directory.url == directory.url and own.number == numbers[-1]):
         return None
-    path = f"{directory.path}/lease/{numbers[-1]:06d}.json"
     try:
-        data, _, modified = _guarded("read the lease of", url, lambda: read_tagged(directory.fs, path))
+        record, _, modified = _guarded("read the lease of", url, lambda: directory.read_record(numbers[-1]))
     except FileNotFoundError:
         return None
-    try:
-        record = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        record = None
-    if not (isinstance(record, dict) and isinstance(record.get("expires"), (int, float))):
-        record = None
     if not lease_is_live(record, modified, now):
         return None
-    acquired = record.get("acquired") if record else None
-    return float(acquired) if isinstance(acquired, (int, float)) and acquired > 0 else -math.inf
+    acquired = record.acquired if record else None
+    return float(acquired) if acquired is not None and acquired > 0 else -math.inf
 
 
 def _run_claims(store: Store, run_url: str, now: float) -> Claims:
@@ -604,10 +588,10 @@ def _outside_claims(store: Store, run_storage: str, registry: ModelRegistry, now
 
 def _other_registries(store: Store, models: str, registry: ModelRegistry, now: float) -> Claims:
     claims = Claims()
-    ours = store.fs(registry.url)[1].rstrip("/")
+    ours = store.path(registry.url).rstrip("/")
     for name in _guarded("list", models, lambda: store.names(models, directories=True)):
         url = join(models, name)
-        if store.fs(url)[1].rstrip("/") == ours:
+        if store.path(url).rstrip("/") == ours:
             continue
         other = ModelRegistry(url, store)
         for version in other.versions():
@@ -653,11 +637,11 @@ def _survey_datasets(spec: Spec, claims: Claims, min_age_s: float, now: float) -
 
 def _claimed_paths(store: Store, root: str, urls: Iterable[str]) -> frozenset[str]:
     """The claimed URLs below ``root``, as paths below it (compared as the store resolves them)."""
-    base = store.fs(root)[1].rstrip("/") + "/"
+    base = store.path(root).rstrip("/") + "/"
     paths = set()
     for url in urls:
         try:
-            path = store.fs(url)[1].rstrip("/")
+            path = store.path(url).rstrip("/")
         except Exception:  # noqa: BLE001 - a URL no store here can open is not below this root
             continue
         if path.startswith(base):

@@ -12,10 +12,11 @@ import torch
 from charnn.storage import Store
 from charnn.errors import UserError
 from charnn.data.alphabet import alphabet_size, decode, encode_text
-from charnn.checkpoint import load_model
+from charnn.checkpoint import load_checkpoint
 from charnn.model import CharGRU, OutputsNotFinite, pick_codes
 
 log = logging.getLogger("charnn.generate")
+RESULT_TOP_K = 2  # the sample a training job's result prints, as the seed sampled
 SEED_LIMIT = 2 ** 64  # torch's generators take seeds below this (negative ones only as aliases of large ones)
 
 
@@ -67,6 +68,11 @@ def sample_text(model, alphabet: str, options: GenerateOptions) -> Iterator[str]
         yield decode([code], alphabet)
 
 
+def result_sample(model, alphabet: str, length: int) -> str:
+    """The sample of a trained model that a training job prints with its result."""
+    return "".join(sample_text(model, alphabet, GenerateOptions(length=length, top_k=RESULT_TOP_K)))
+
+
 @dataclass
 class Stream:
     """One request's sampling: its options and random generator, the scores of its next code and
@@ -103,8 +109,8 @@ def step_streams(model: CharGRU, streams: list[Stream]) -> list[int]:
 
 
 def stream_text(url: str, options: GenerateOptions, store: Store = Store()) -> Iterator[str]:
-    model, payload = load_model(url, store)
+    model, meta = load_checkpoint(url, store)
     try:
-        yield from sample_text(model, payload["alphabet"], options)
+        yield from sample_text(model, meta.alphabet, options)
     except OutputsNotFinite as exc:
         raise OutputsNotFinite(f"{url}: {exc}") from None

@@ -27,8 +27,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from charnn.checkpoint import load_model
-from charnn.config import ServeConfig, expand_path
+from charnn.checkpoint import load_checkpoint
+from charnn.config import ServeConfig
+from charnn.spec_loader import expand_path
 from charnn.data.alphabet import decode
 from charnn.errors import UserError
 from charnn.model import CharGRU
@@ -56,9 +57,8 @@ class Served:
     alphabet: str
 
     def describe(self, name: str) -> dict:
-        metrics = self.version.info.get("metrics") or {}
-        return {"model": name, "version": self.version.name, "val_loss": metrics.get("val_loss"),
-                "published_at": self.version.info.get("published_at")}
+        return {"model": name, "version": self.version.name, "val_loss": self.version.info.val_loss,
+                "published_at": self.version.info.published_at}
 
 
 def one_line(exc: Exception) -> str:
@@ -66,8 +66,8 @@ def one_line(exc: Exception) -> str:
 
 
 def load_served(version: Version, store: Store) -> Served:
-    model, payload = load_model(version.url, store)
-    return Served(version, model, payload["alphabet"])
+    model, meta = load_checkpoint(version.url, store)
+    return Served(version, model, meta.alphabet)
 
 
 def parse_request(body: bytes, max_length: int) -> GenerateOptions:

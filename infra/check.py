@@ -62,7 +62,8 @@ import yaml
 from packaging.requirements import Requirement
 from pydantic import ValidationError
 
-from charnn.config import ServeConfig, SpecError, load_spec
+from charnn.config import ServeConfig
+from charnn.spec_loader import SpecError, load_spec
 from charnn.storage import redact
 
 try:

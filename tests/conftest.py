@@ -109,6 +109,20 @@ def two_workers(smoke_root, ray_cluster) -> dict:
     return result
 
 
+# each starts a Ray or a server (or needs one started): seconds before the test begins
+SLOW_TIER_FIXTURES = {"ray_local", "ray_cluster", "two_workers", "moto_s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a Ray or server fixture, itself or through another fixture, is in the slow
+    tier (the ``ray`` marker), whether or not its module says so: ``-m "not ray"`` (``make check``)
+    leaves it out.  (A fixture that asks for one by ``request.getfixturevalue`` marks its own
+    parameter.)"""
+    for item in items:
+        if SLOW_TIER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 FAULT_REPORT: list[dict] = []
 
 

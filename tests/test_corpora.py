@@ -39,7 +39,7 @@ def _first_use(cache: str, barrier, results) -> None:
         module.CORPORA["synthetic"] = in_step
         barrier.wait(timeout=60)
         results.put(("ok", module.corpus_path("synthetic")))
-    except BaseException as exc:  # noqa: BLE001: the parent reports it
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from charnn.config import load_spec
+from charnn.spec_loader import load_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.layout import loss_weight, worker_rows
 from charnn.storage import Store
@@ -49,7 +49,7 @@ def train(root, url: str, name: str, world: int, *overrides: str) -> dict[int, f
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GLOO_SOCKET_IFNAME", "lo")
         mp.spawn(rank_main, args=(world, root, url, name, overrides), nprocs=world, join=True)
-    return {p["step"]: p["loss"] for p in read_points(Store(), str(root / "runs" / name))["train"]}
+    return {p.step: p.loss for p in read_points(Store(), str(root / "runs" / name))["train"]}
 
 
 def final_weights(root, name: str) -> dict:
@@ -61,7 +61,7 @@ def final_weights(root, name: str) -> dict:
 def dataset(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     write_corpus(root / "corpus", documents=6, lines=14, seed=5)
-    return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any")))
+    return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any"))).url
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 from charnn.cli.retrain import plan_fine_tune
 from charnn.data.layout import LayoutError
 from charnn.train.batches import Batches
+from charnn.train.collectives import ProcessGroup
 
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=8), st.data(), st.integers(1, 400),
@@ -58,7 +59,7 @@ class FakeReader:
 def test_a_run_that_starts_at_a_later_step_reads_on_and_wraps_to_step_0():
     reader = FakeReader(steps=5)
     states = torch.ones(1, 2, 3)
-    batches = Batches(reader, states, "reset", torch.device("cpu"), first_step=3)
+    batches = Batches(reader, states, "reset", ProcessGroup(), first_step=3)
     epochs, firsts = [], []
     for step in range(5):
         x, _, epoch = batches.at(step)
@@ -71,4 +72,4 @@ def test_a_run_that_starts_at_a_later_step_reads_on_and_wraps_to_step_0():
 
 def test_a_first_step_outside_the_split_is_one_clear_error():
     with pytest.raises(LayoutError, match="train.first_step=5 is outside the train split's 5 steps"):
-        Batches(FakeReader(steps=5), torch.zeros(1, 2, 3), "roll", torch.device("cpu"), first_step=5)
+        Batches(FakeReader(steps=5), torch.zeros(1, 2, 3), "roll", ProcessGroup(), first_step=5)

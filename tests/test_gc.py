@@ -25,14 +25,14 @@ from support.servers import free_port
 from charnn import retention as rt
 from charnn.checkpoint import load_model
 from charnn.cli.gc import run as gc
-from charnn.config import load_spec
+from charnn.spec_loader import load_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.dataset import MANIFEST, SEGMENT, SEGMENTS, SOURCES, load_manifest, load_segment
 from charnn.data.reader import SplitReader
 from charnn.errors import UserError
-from charnn.lease import this_process
+from charnn.lease import LeaseRecord, this_process
 from charnn.model import CharGRU, ModelShape
-from charnn.registry import ModelRegistry, RegistryBusy
+from charnn.registry import DatasetInfo, ModelRegistry, RegistryBusy, VersionInfo
 from charnn.storage import StorageError, Store, join
 
 SMOKE = str(REPO / "jobs" / "specs" / "smoke.yaml")
@@ -94,12 +94,12 @@ def test_segments_stay_while_a_kept_version_names_them_or_they_are_young():
 
 def test_a_lease_is_live_until_released_expired_or_its_process_ended():
     now = time.time()
-    record = {"owner": "x", "expires": now + 60, "released": False, "acquired": now - 5, "process": this_process()}
+    record = LeaseRecord("x", now + 60, released=False, acquired=now - 5, process=this_process())
     assert rt.lease_is_live(record, now, now)
-    assert not rt.lease_is_live({**record, "released": True}, now, now)
-    assert not rt.lease_is_live({**record, "expires": now - 1}, now, now)
+    assert not rt.lease_is_live(dataclasses.replace(record, released=True), now, now)
+    assert not rt.lease_is_live(dataclasses.replace(record, expires=now - 1), now, now)
     gone = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it
-    assert not rt.lease_is_live({**record, "process": {**this_process(), "pid": gone}}, now, now)
+    assert not rt.lease_is_live(dataclasses.replace(record, process={**this_process(), "pid": gone}), now, now)
     assert rt.lease_is_live(None, now - 60, now) and not rt.lease_is_live(None, now - rt.TORN_LEASE_S - 1, now)
 
 
@@ -198,7 +198,7 @@ def small_args(tmp_path: Path, *extra: str) -> list[str]:
 
 def test_apply_is_busy_while_another_writer_holds_the_registry_lease_and_a_dry_run_is_not(tmp_path):
     args = small_args(tmp_path)
-    registry = ModelRegistry(str(tmp_path / "runs" / "models" / "m"))
+    registry = ModelRegistry(str(tmp_path / "runs" / "models" / "m"), Store())
     for name in ROUNDS[:2]:
         put(Store(), join(registry.url, "rejected", f"{name}.json"), b"{}")
     with registry.lease(60):
@@ -250,7 +250,7 @@ def built(ray_local, tmp_path_factory) -> Built:
         if step:
             write_corpus(corpus, documents=1, lines=80, seed=20 + step, prefix="extra")
         before = set(os.listdir(blobs_dir)) if blobs_dir.exists() else set()
-        urls.append(build_dataset(request))
+        urls.append(build_dataset(request).url)
         (blob,) = set(os.listdir(blobs_dir)) - before
         blobs.append(blob[:-3])
     a, b, c = ([s.id for s in load_manifest(url).segments] for url in urls)
@@ -316,7 +316,8 @@ def put_registry(store: Store, runs: str, checkpoint: str, datasets: dict) -> Mo
     registry = ModelRegistry(join(runs, "models", "m"), store)
     with registry.lease(60) as lease:
         for dataset in (datasets["v2"], datasets["v1"], datasets["v3"]):
-            registry.publish(checkpoint, {"dataset": {"url": dataset}}, lease, replaces=registry.published())
+            registry.publish(checkpoint, VersionInfo(dataset=DatasetInfo(url=dataset)), lease,
+                             replaces=registry.published())
     pointer = json.loads(store.read(join(registry.url, "published.json")))
     store.write(join(registry.url, "published.json"), json.dumps({**pointer, "version": "v0002"}).encode())
     put(store, join(registry.url, "versions", "v0004", "model.pt"), b"a publish that died")
@@ -452,7 +453,7 @@ def test_a_dry_run_changes_nothing_and_apply_removes_exactly_what_nothing_needs(
     added = write_corpus(built.corpus, documents=1, lines=80, seed=40, prefix="late")
     try:
         root = str(tmp_path / "work" / "datasets")
-        grown = load_manifest(build_dataset(DatasetRequest([str(built.corpus)], "gorner98", 8, 4, 2, 0.25, 1, root)))
+        grown = build_dataset(DatasetRequest([str(built.corpus)], "gorner98", 8, 4, 2, 0.25, 1, root))
     finally:
         added[0].unlink()
     assert grown.version == 6 and [s.id for s in grown.segments][:2] == [built.segments[0], built.segments[2]]

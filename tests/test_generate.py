@@ -107,6 +107,7 @@ def generate_py(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ})
 
 
+@pytest.mark.ray  # a job in a process of its own (seconds of imports): not for `make check`
 def test_generate_py_at_a_tiny_temperature_exits_cleanly(tmp_path):
     directory = save_checkpoint(tmp_path / "ckpt", tiny_model())
     proc = generate_py("--checkpoint", str(directory), "--temperature", "1e-40", "--length", "50", "--top-k", str(VOCAB))
@@ -145,6 +146,7 @@ def test_the_whole_seed_range_samples():
         assert len("".join(sample_text(tiny_model(), "gorner98", GenerateOptions(length=5, seed=seed)))) == 5
 
 
+@pytest.mark.ray  # a job in a process of its own (seconds of imports): not for `make check`
 @pytest.mark.parametrize("case", ["nan-weights", "huge-seed"])
 def test_generate_py_on_nan_weights_or_a_huge_seed_exits_2_with_one_line(tmp_path, case):
     directory = save_checkpoint(tmp_path / "ckpt", nan_model() if case == "nan-weights" else tiny_model())

@@ -54,7 +54,7 @@ def verify_rows(url, storage=Store(), read=None):
 
 
 def test_dataset_rows_are_the_split_streams_laid_out(ray_local, tmp_path, corpus):
-    manifest = verify_rows(build_dataset(request(tmp_path, [corpus], shard_mb=1)))
+    manifest = verify_rows(build_dataset(request(tmp_path, [corpus], shard_mb=1)).url)
     assert manifest.format == "charnn.rows/3" and manifest.alphabet == "gorner98"
     assert manifest.version == 1 and len(manifest.segments) == 1 and manifest.waiting == 0
 
@@ -63,13 +63,13 @@ def test_thousands_of_tiny_documents_lay_out_as_a_few_do(ray_local, tmp_path):
     corpus = tmp_path / "many"
     for d in range(30):  # nested directories, documents of a few dozen bytes
         write_corpus(corpus / f"part-{d:02d}", documents=100, lines=2, seed=d)
-    url = build_dataset(request(tmp_path, [corpus], shard_mb=1))
+    url = build_dataset(request(tmp_path, [corpus], shard_mb=1)).url
     manifest = verify_rows(url)
     assert manifest.documents == 3000
 
 
 def test_windows_come_in_order_from_a_start_step(ray_local, tmp_path, corpus):
-    url = build_dataset(request(tmp_path, [corpus]))
+    url = build_dataset(request(tmp_path, [corpus])).url
     manifest = load_manifest(url)
     reader = SplitReader(url, manifest, "train", 1, 2)
     all_windows = list(reader.windows())
@@ -80,17 +80,17 @@ def test_windows_come_in_order_from_a_start_step(ray_local, tmp_path, corpus):
 
 
 def test_rebuild_reuses_the_dataset_and_cached_documents(ray_local, tmp_path, corpus, capfd):
-    first = build_dataset(request(tmp_path, [corpus]))
-    assert build_dataset(request(tmp_path, [corpus])) == first
+    first = build_dataset(request(tmp_path, [corpus])).url
+    assert build_dataset(request(tmp_path, [corpus])).url == first
     write_corpus(corpus, documents=1, lines=50, seed=9, prefix="added")
     capfd.readouterr()
-    second = build_dataset(request(tmp_path, [corpus]))
+    second = build_dataset(request(tmp_path, [corpus])).url
     assert second != first and second.rsplit("/", 1)[0] == first.rsplit("/", 1)[0]  # a new version beside it
     assert "9 documents (8 reused from cache)" in capfd.readouterr().err
 
 
 def test_manifest_is_written_last_and_shards_hold_their_rows(ray_local, tmp_path, corpus):
-    url = build_dataset(request(tmp_path, [corpus]))
+    url = build_dataset(request(tmp_path, [corpus])).url
     manifest = json.loads(open(f"{url}/manifest.json").read())
     assert manifest["sources"] == {"path": "sources.parquet", "count": 8}
     (segment,) = manifest["segments"]
@@ -190,7 +190,7 @@ def test_documents_whose_urls_mask_alike_are_each_their_own_rows_when_rebuilt(ra
     build = request(tmp_path, [tmp_path / "corpus"], rows=2, workers=1, val_fraction=0.5)
     build_dataset(build)
     capfd.readouterr()
-    url = build_dataset(request(tmp_path, [tmp_path / "corpus"], rows=2, workers=1, val_fraction=0.5, seq_len=4))
+    url = build_dataset(request(tmp_path, [tmp_path / "corpus"], rows=2, workers=1, val_fraction=0.5, seq_len=4)).url
     assert "2 documents (2 reused from cache)" in capfd.readouterr().err
     sources = load_manifest(url).sources().to_pylist()
     assert [d["url_key"] for d in sources] == [url_key(str(corpus / d["key"].split("/")[-1])) for d in sources]

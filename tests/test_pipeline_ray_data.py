@@ -25,7 +25,7 @@ import pytest
 from support.env import REPO
 from support.jobs import last_json, write_corpus
 from test_pipeline import expected_stream, read_rows, request
-from charnn.config import SpecError, load_spec
+from charnn.spec_loader import SpecError, load_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.cache import cache_url
 from charnn.data.dataset import DatasetError, load_manifest
@@ -43,7 +43,7 @@ def built(ray_local, tmp_path_factory) -> tuple[str, object]:
     """A dataset of about 4 MB: with 1 MB shards, each worker's train rows span two shards."""
     root = tmp_path_factory.mktemp("built")
     write_corpus(root / "corpus", documents=8, lines=16000)
-    url = build_dataset(request(root, [root / "corpus"], shard_mb=1))
+    url = build_dataset(request(root, [root / "corpus"], shard_mb=1)).url
     return url, load_manifest(url)
 
 
@@ -177,7 +177,7 @@ def test_an_encode_worker_killed_mid_build_is_retried_and_the_dataset_is_the_und
     corpus = large_corpus(tmp_path / "corpus")
     started = time.time()
     with EncodeKiller(blobs_of(tmp_path / "killed" / "datasets")) as killer:  # request()'s dataset_root
-        killed_url = build_dataset(request(tmp_path / "killed", [corpus], shard_mb=8))
+        killed_url = build_dataset(request(tmp_path / "killed", [corpus], shard_mb=8)).url
     ended = time.time()
     assert killer.killed is not None, "no encode task was seen writing its blob: nothing was killed"
     pid, blob, at = killer.killed
@@ -191,7 +191,7 @@ def test_an_encode_worker_killed_mid_build_is_retried_and_the_dataset_is_the_und
     assert [b.removesuffix(".u8") for b in blobs if ".tmp-" not in b] == [i.removesuffix(".parquet") for i in indexes]
     assert len(indexes) == 4
 
-    undisturbed_url = build_dataset(request(tmp_path / "undisturbed", [corpus], shard_mb=8))
+    undisturbed_url = build_dataset(request(tmp_path / "undisturbed", [corpus], shard_mb=8)).url
     assert Path(killed_url).name == Path(undisturbed_url).name
     assert load_manifest(killed_url) == load_manifest(undisturbed_url)
     assert Path(killed_url, "manifest.json").read_bytes() == Path(undisturbed_url, "manifest.json").read_bytes()

@@ -38,8 +38,8 @@ def all_rows(url, endpoint=None):
 
 def test_s3_sources_and_s3_dataset_match_the_local_build(ray_local, tmp_path, corpus, moto_s3, bucket):
     source = moto_s3.upload_dir(bucket, "corpus", corpus)
-    local_manifest, local_rows = all_rows(build_dataset(request([str(corpus)], str(tmp_path / "ds"))))
-    s3_url = build_dataset(request([source], f"s3://{bucket}/datasets", moto_s3.endpoint))
+    local_manifest, local_rows = all_rows(build_dataset(request([str(corpus)], str(tmp_path / "ds"))).url)
+    s3_url = build_dataset(request([source], f"s3://{bucket}/datasets", moto_s3.endpoint)).url
     assert s3_url.startswith(f"s3://{bucket}/datasets/")
     s3_manifest, s3_rows = all_rows(s3_url, moto_s3.endpoint)
     s3_sources = s3_manifest.sources(storage(moto_s3.endpoint)).to_pylist()
@@ -62,8 +62,8 @@ def test_gzip_sources_read_as_their_text(ray_local, tmp_path, corpus):
     zipped.mkdir()
     for path in corpus.iterdir():
         (zipped / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))
-    plain = load_manifest(build_dataset(request([str(corpus)], str(tmp_path / "a"))))
-    packed = load_manifest(build_dataset(request([str(zipped)], str(tmp_path / "b"))))
+    plain = build_dataset(request([str(corpus)], str(tmp_path / "a")))
+    packed = build_dataset(request([str(zipped)], str(tmp_path / "b")))
     assert [d["tokens"] for d in packed.sources().to_pylist()] == [d["tokens"] for d in plain.sources().to_pylist()]
 
 
@@ -141,8 +141,8 @@ def test_many_tiny_objects_on_s3_lay_out_as_local_files_do(ray_local, tmp_path, 
     for path in sorted(corpus.rglob("*.txt")):
         client.put_object(Bucket=bucket, Key=f"many/{path.relative_to(corpus)}", Body=path.read_bytes())
     store = storage(moto_s3.endpoint)
-    local = load_manifest(build_dataset(request([str(corpus)], str(tmp_path / "ds"))))
-    url = build_dataset(request([f"s3://{bucket}/many"], f"s3://{bucket}/datasets", moto_s3.endpoint))
+    local = build_dataset(request([str(corpus)], str(tmp_path / "ds")))
+    url = build_dataset(request([f"s3://{bucket}/many"], f"s3://{bucket}/datasets", moto_s3.endpoint)).url
     local_by_key = {d["key"]: d["identity"] for d in local.sources().to_pylist()}
     manifest = verify_rows(url, store, read=lambda m, split: np.concatenate([
         encode((corpus / d["key"]).read_bytes()) for d in m.sources(store).to_pylist() if d["split"] == split]))

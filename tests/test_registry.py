@@ -20,7 +20,7 @@ import torch
 from charnn.storage import Store
 from charnn.checkpoint import load_model
 from charnn.model import CharGRU, ModelShape
-from charnn.registry import ModelRegistry, RegistryBusy, RegistryError
+from charnn.registry import DatasetInfo, ModelRegistry, RegistryBusy, RegistryError, VersionInfo
 from charnn.storage import create_exclusive as _create, url_key
 
 
@@ -62,10 +62,10 @@ def test_a_diverged_or_useless_candidate_is_never_published_and_a_nan_incumbent_
     assert not is_better(math.nan, math.nan, 0.0, floor)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.ray)])  # s3: moto's server, the slow tier
 def registry(request, tmp_path) -> ModelRegistry:
     if request.param == "local":
-        return ModelRegistry(str(tmp_path / "models" / "m"))
+        return ModelRegistry(str(tmp_path / "models" / "m"), Store())
     moto = request.getfixturevalue("moto_s3")
     name = f"charnn-registry-{time.time_ns()}"
     moto.client().create_bucket(Bucket=name)
@@ -92,13 +92,14 @@ def put(registry: ModelRegistry, relative: str, data: bytes) -> None:
 def test_publish_moves_the_pointer_to_a_complete_version(registry, tmp_path):
     assert registry.published() is None
     with registry.lease(60) as lease:
-        first = registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": [{"url": "u", "identity": "i"}]}}, lease,
+        listed = VersionInfo(dataset=DatasetInfo(sources=[{"url": "u", "identity": "i"}]))
+        first = registry.publish(_checkpoint(tmp_path, 1), listed, lease,
                                  replaces=None)
-        second = registry.publish(_checkpoint(tmp_path, 2), {"dataset": {"sources": []}}, lease,
+        second = registry.publish(_checkpoint(tmp_path, 2), INFO, lease,
                                   replaces=registry.published())
     assert (first.name, second.name) == ("v0001", "v0002")
     published = registry.published()
-    assert published.name == "v0002" and published.info["version"] == "v0002"
+    assert published.name == "v0002" and published.info.version == "v0002"
     assert registry.version("v0001").sources() == {url_key("u"): "i"}  # a version of before sources.parquet
     model, _ = load_model(published.url, registry.store)
     torch.manual_seed(2)
@@ -115,7 +116,8 @@ def test_a_version_keeps_its_documents_in_a_table_of_its_own(registry, tmp_path)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     with registry.lease(60) as lease:
-        registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"documents": 5000}}, lease, replaces=None,
+        registry.publish(_checkpoint(tmp_path, 1), VersionInfo(dataset=DatasetInfo(documents=5000)), lease,
+                         replaces=None,
                          files={"sources.parquet": buffer.getvalue()})
     version = registry.published()
     assert len(version.sources()) == 5000 and version.sources()[url_key("s3://b/doc-7.txt")] == "sha256:7"
@@ -125,10 +127,10 @@ def test_a_version_keeps_its_documents_in_a_table_of_its_own(registry, tmp_path)
 def test_versions_are_immutable_and_half_written_ones_are_skipped(registry, tmp_path):
     put(registry, "versions/v0001/model.pt", b"x")  # a writer killed before version.json
     with registry.lease(60) as lease:
-        assert registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": []}}, lease, replaces=None).name == "v0002"
+        assert registry.publish(_checkpoint(tmp_path, 1), INFO, lease, replaces=None).name == "v0002"
         registry.versions = lambda: []  # a writer that listed before v0001 and v0002 existed
         with pytest.raises(RegistryBusy, match="versions/v0001 appeared while this job wrote it"):
-            registry.publish(_checkpoint(tmp_path, 2), {"dataset": {"sources": []}}, lease, replaces=registry.published())
+            registry.publish(_checkpoint(tmp_path, 2), INFO, lease, replaces=registry.published())
     assert registry.fs.cat_file(f"{registry.path}/versions/v0001/model.pt") == b"x"
     assert registry.published().name == "v0002"
 
@@ -150,7 +152,7 @@ def test_an_expired_lease_is_taken_over_and_its_holder_cannot_publish(registry, 
     time.sleep(0.8)
     with registry.lease(60):
         with pytest.raises(RegistryBusy, match="lost the lease"):
-            registry.publish(_checkpoint(tmp_path, 1), {"dataset": {"sources": []}}, dead, replaces=None)
+            registry.publish(_checkpoint(tmp_path, 1), INFO, dead, replaces=None)
     assert registry.published() is None
 
 
@@ -176,7 +178,7 @@ def test_pointer_to_a_missing_version_is_a_clear_error(registry):
 # ---------------------------------------------------------------------------------------------
 # Helpers for the tests below.
 
-INFO = {"dataset": {"sources": []}}
+INFO = VersionInfo(dataset=DatasetInfo(sources=[]))
 
 
 def record(registry: ModelRegistry, number: int) -> dict:
@@ -564,17 +566,17 @@ def test_failing_to_prune_old_lease_records_does_not_fail_the_acquisition(regist
 def test_a_rejected_candidate_is_recorded_only_under_the_lease(registry):
     """F-29: reject() writes only while the lease is still held."""
     with registry.lease(60) as lease:
-        registry.reject("first", INFO)
+        registry.reject("first", INFO, lease)
         assert registry.fs.exists(f"{registry.path}/rejected/first.json")
         take_over(registry, lease.number)
         with pytest.raises(RegistryBusy, match="lost the lease"):
-            registry.reject("second", INFO)
+            registry.reject("second", INFO, lease)
     assert not registry.fs.exists(f"{registry.path}/rejected/second.json")
 
 
 def test_version_files_reach_the_disk_before_the_pointer_moves(tmp_path, monkeypatch):
     """F-4: model.pt, version.json and their directories are fsynced before published.json is replaced."""
-    registry = ModelRegistry(str(tmp_path / "models" / "m"))
+    registry = ModelRegistry(str(tmp_path / "models" / "m"), Store())
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -778,7 +780,7 @@ def test_a_frozen_holder_of_the_local_lock_makes_others_busy_not_hung(tmp_path, 
     import charnn.storage
     from charnn.errors import Busy
 
-    registry = ModelRegistry(str(tmp_path / "models" / "m"))
+    registry = ModelRegistry(str(tmp_path / "models" / "m"), Store())
     registry.fs.makedirs(registry.path, exist_ok=True)
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
@@ -809,7 +811,8 @@ def test_a_pointer_naming_anything_but_a_version_is_refused(registry, name):
 def test_a_damaged_sources_table_is_one_line(registry, tmp_path):
     """F-27(c): a published version whose sources.parquet is damaged."""
     with registry.lease(60) as lease:
-        registry.publish(_checkpoint(tmp_path, 1), {}, lease, replaces=None, files={"sources.parquet": b"PAR1 not parquet"})
+        registry.publish(_checkpoint(tmp_path, 1), VersionInfo(), lease, replaces=None,
+                         files={"sources.parquet": b"PAR1 not parquet"})
     with pytest.raises(RegistryError, match=r"cannot read the documents of version v0001: .*restore that file") as info:
         registry.published().sources()
     assert "\n" not in str(info.value)
@@ -875,7 +878,7 @@ def test_retrain_change_detection_keeps_documents_whose_urls_mask_alike_apart(re
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         with registry.lease(60) as lease:
-            registry.publish(checkpoint, {}, lease, replaces=registry.published(),
+            registry.publish(checkpoint, VersionInfo(), lease, replaces=registry.published(),
                              files={"sources.parquet": buffer.getvalue()})
         return registry.published()
 

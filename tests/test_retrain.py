@@ -61,7 +61,7 @@ def test_round_1_trains_from_scratch_and_publishes(world):
     assert "charnn: step 30/30" in logs  # the spec's full schedule
     version = world["registry"].published()
     assert version.name == "v0001" and len(version.sources()) == 6
-    assert version.info["metrics"]["val_loss"] == pytest.approx(result["candidate_val_loss"])
+    assert version.info.val_loss == pytest.approx(result["candidate_val_loss"])
 
 
 def test_round_2_without_new_files_skips_without_training(world):
@@ -98,8 +98,8 @@ def test_round_3_writes_only_the_new_segment_reads_all_of_it_and_promotes_a_bett
     assert result["candidate_val_loss"] < result["incumbent_val_loss"]
     assert result["action"] == "promoted" and result["model_version"] == "v0002" == published(world)
     info = world["registry"].version("v0002").info
-    assert info["incumbent"]["version"] == "v0001" and info["dataset"]["documents"] == 7
-    assert info["dataset"]["url"].endswith("/versions/v000002")
+    assert info.incumbent["version"] == "v0001" and info.dataset.documents == 7
+    assert info.dataset.url.endswith("/versions/v000002")
     assert len(world["registry"].version("v0002").sources()) == 7
     # N-9: every document the incumbent knew kept its split (the comparison is never on text it trained on)
     before, after = (splits_of(world, version) for version in ("v0001", "v0002"))

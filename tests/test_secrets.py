@@ -21,7 +21,7 @@ import pytest
 
 from support.env import REPO
 from support.jobs import last_json, run_job, write_corpus
-from charnn.config import dump_spec, load_spec, spec_from_dict
+from charnn.spec_loader import dump_spec, load_spec, spec_from_dict
 from charnn.storage import redact, redact_urls
 
 # --- redact() -------------------------------------------------------------------------------
@@ -149,6 +149,7 @@ def test_train_loop_config_holds_no_credentials(tmp_path, monkeypatch):
     assert worker_spec.run == spec.run and worker_spec.storage == spec.storage
 
 
+@pytest.mark.ray  # jobs (they stop before Ray starts, but take a job's start-up each)
 @pytest.mark.parametrize("override", [
     "run.storage=s3://AKIAIOSFODNN7EXAMPLE:FAKEsecret7781@bucket/runs",
     "data.dataset_root=https://charnn:FAKEsecret7781@host/datasets",
@@ -188,6 +189,7 @@ def test_protect_token_tightens_modes(tmp_path, monkeypatch):
     assert _mode(own.parent) == 0o755  # a custom token's directory is the user's own business
 
 
+@pytest.mark.ray
 def test_embedded_ray_leaves_its_token_private(tmp_path):
     """A real embedded Ray writes ~/.ray/auth_token 0644 under the usual umask; init_ray fixes it."""
     import tempfile

@@ -370,7 +370,7 @@ def test_a_grown_corpus_adds_one_segment_and_leaves_the_older_version_untouched(
     corpus.generate(8, 40, seed=1, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
     directory = dataset_directory(wanted)
-    first = build_dataset(wanted)
+    first = build_dataset(wanted).url
     assert first == version_url(directory, 1)
     v1, v1_windows = verify_version(first, corpus)
     assert len(v1.segments) == 1 and v1.waiting == 0
@@ -383,7 +383,7 @@ def test_a_grown_corpus_adds_one_segment_and_leaves_the_older_version_untouched(
 
     added = [corpus.write(corpus.name_in(split, f"added-{split}"), prose(seed, 30))
              for seed, split in enumerate(["train", "val", "train"])]
-    second = build_dataset(wanted)
+    second = build_dataset(wanted).url
     assert second == version_url(directory, 2) and load_manifest(directory).url == second
     v2, v2_windows = verify_version(second, corpus)
     after = snapshot(directory)
@@ -422,7 +422,7 @@ def test_a_small_addition_waits_until_its_split_fills_a_step(ray_local, tmp_path
     corpus.generate(6, 30, seed=2, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
     directory = dataset_directory(wanted)
-    first = build_dataset(wanted)
+    first = build_dataset(wanted).url
     v1, _ = verify_version(first, corpus)
     one_step = wanted.rows * wanted.seq_len + 1
 
@@ -430,7 +430,7 @@ def test_a_small_addition_waits_until_its_split_fills_a_step(ray_local, tmp_path
     tiny = corpus.write(corpus.name_in("train", "tiny"), b"Tiny.\nText.\n")
     assert encode(tiny.read_bytes()).size < one_step
     before = snapshot(directory)
-    url = build_dataset(wanted)
+    url = build_dataset(wanted).url
     newest = load_manifest(url)
     if url == first:
         assert snapshot(directory) == before
@@ -440,7 +440,7 @@ def test_a_small_addition_waits_until_its_split_fills_a_step(ray_local, tmp_path
 
     # enough validation text: it is laid out, the train document still waits
     val = corpus.write(corpus.name_in("val", "more-val"), prose(7, 20))
-    second = build_dataset(wanted)
+    second = build_dataset(wanted).url
     v2, _ = verify_version(second, corpus)
     assert v2.waiting == 1 and v2.segments[:1] == v1.segments and len(v2.segments) == 2
     assert [d["url"] for d in segment_documents(directory, v2.segments[1])] == [str(val)]
@@ -448,7 +448,7 @@ def test_a_small_addition_waits_until_its_split_fills_a_step(ray_local, tmp_path
 
     # enough train text: the waiting document is laid out with it, in URL order
     big = corpus.write(corpus.name_in("train", "more-train"), prose(8, 20))
-    third = build_dataset(wanted)
+    third = build_dataset(wanted).url
     v3, _ = verify_version(third, corpus)
     assert v3.waiting == 0 and v3.segments[:2] == v2.segments and len(v3.segments) == 3
     assert [d["url"] for d in segment_documents(directory, v3.segments[2])] == sorted([str(tiny), str(big)])
@@ -460,16 +460,16 @@ def test_a_one_document_corpus_in_both_splits_grows_like_any_other(ray_local, tm
     corpus = Corpus(tmp_path / "corpus")
     (only,) = corpus.generate(1, 60, seed=16, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
-    v1, v1_windows = verify_version(build_dataset(wanted), corpus)
+    v1, v1_windows = verify_version(build_dataset(wanted).url, corpus)
     assert [d["split"] for d in v1.sources().to_pylist()] == ["both"]
     corpus.write(corpus.name_in("train", "later"), prose(17, 30))
     corpus.write(corpus.name_in("val", "later"), prose(18, 30))
-    v2, v2_windows = verify_version(build_dataset(wanted), corpus)
+    v2, v2_windows = verify_version(build_dataset(wanted).url, corpus)
     assert v2.segments[:1] == v1.segments and len(v2.segments) == 2
     assert [d["split"] for d in v2.sources().to_pylist()] == ["both", "train", "val"]  # it keeps its split
     assert all(np.array_equal(v2_windows[s][:v1.splits[s].steps], v1_windows[s]) for s in SPLITS)
     corpus.write(only.name, only.read_bytes() + prose(19, 10))  # rewritten: laid out again, still in both
-    v3, _ = verify_version(build_dataset(wanted), corpus)
+    v3, _ = verify_version(build_dataset(wanted).url, corpus)
     assert v3.segments[:1] == v2.segments[1:] and len(v3.segments) == 2
     assert [d["split"] for d in segment_documents(v3.directory, v3.segments[1])] == ["both"]
 
@@ -480,9 +480,9 @@ def test_a_removed_or_rewritten_document_moves_only_its_own_segment(ray_local, t
     original = corpus.generate(6, 30, seed=3, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
     directory = dataset_directory(wanted)
-    v1, _ = verify_version(build_dataset(wanted), corpus)
+    v1, _ = verify_version(build_dataset(wanted).url, corpus)
     added = corpus.generate(3, 30, seed=4, prefix="later")
-    v2, v2_windows = verify_version(build_dataset(wanted), corpus)
+    v2, v2_windows = verify_version(build_dataset(wanted).url, corpus)
     a, b = v2.segments
     before = snapshot(directory)
 
@@ -490,7 +490,7 @@ def test_a_removed_or_rewritten_document_moves_only_its_own_segment(ray_local, t
     a_docs = segment_documents(directory, a)
     gone = next(d["url"] for d in a_docs if d["split"] == "train")
     os.unlink(gone)
-    v3, _ = verify_version(build_dataset(wanted), corpus)
+    v3, _ = verify_version(build_dataset(wanted).url, corpus)
     assert v3.version == 3 and v3.segments[0] == b and len(v3.segments) == 2
     c = v3.segments[1]
     c_docs = segment_documents(directory, c)
@@ -506,7 +506,7 @@ def test_a_removed_or_rewritten_document_moves_only_its_own_segment(ray_local, t
     b_docs = segment_documents(directory, b)
     changed = Path(b_docs[1]["url"])
     corpus.write(changed.name, prose(99, 25))
-    v4, _ = verify_version(build_dataset(wanted), corpus)
+    v4, _ = verify_version(build_dataset(wanted).url, corpus)
     assert v4.segments[0] == c and len(v4.segments) == 2
     d_docs = segment_documents(directory, v4.segments[1])
     assert [d["url"] for d in d_docs] == [d["url"] for d in b_docs]
@@ -524,22 +524,22 @@ def test_a_segment_whose_documents_are_all_removed_leaves_and_comes_back_the_sam
     corpus.generate(6, 30, seed=12, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
     directory = dataset_directory(wanted)
-    v1, v1_windows = verify_version(build_dataset(wanted), corpus)
+    v1, v1_windows = verify_version(build_dataset(wanted).url, corpus)
     added = corpus.generate(2, 30, seed=13, prefix="later")
-    v2, _ = verify_version(build_dataset(wanted), corpus)
+    v2, _ = verify_version(build_dataset(wanted).url, corpus)
     before = snapshot(directory)
 
     kept = {path: path.read_bytes() for path in added}
     for path in added:
         path.unlink()
-    v3, v3_windows = verify_version(build_dataset(wanted), corpus)  # v2 less its second segment: v1 again
+    v3, v3_windows = verify_version(build_dataset(wanted).url, corpus)  # v2 less its second segment: v1 again
     assert v3.version == 3 and v3.segments == v1.segments and v3.waiting == 0
     assert all(np.array_equal(v3_windows[s], v1_windows[s]) for s in SPLITS)
     assert v3.stream == v1.stream  # the same stream: a run on v1 resumes on v3
 
     for path, data in kept.items():
         corpus.write(path.name, data)
-    v4, _ = verify_version(build_dataset(wanted), corpus)  # the same documents again: the same segment, reused
+    v4, _ = verify_version(build_dataset(wanted).url, corpus)  # the same documents again: the same segment, reused
     assert v4.version == 4 and v4.segments == v2.segments and v4.stream == v2.stream
     after = snapshot(directory)
     # its shards untouched; its record and sources table written again, with the same bytes (which
@@ -555,14 +555,14 @@ def test_a_removed_document_whose_segment_mates_cannot_fill_a_step_leaves_them_w
     corpus = Corpus(tmp_path / "corpus")
     corpus.generate(6, 30, seed=14, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
-    v1, _ = verify_version(build_dataset(wanted), corpus)
+    v1, _ = verify_version(build_dataset(wanted).url, corpus)
     big = corpus.write(corpus.name_in("train", "big"), prose(15, 30))
     tiny = corpus.write(corpus.name_in("train", "tiny"), b"Tiny.\n")
-    v2, _ = verify_version(build_dataset(wanted), corpus)
+    v2, _ = verify_version(build_dataset(wanted).url, corpus)
     assert sorted(d["url"] for d in segment_documents(v2.directory, v2.segments[1])) == sorted([str(big), str(tiny)])
 
     big.unlink()
-    v3, _ = verify_version(build_dataset(wanted), corpus)
+    v3, _ = verify_version(build_dataset(wanted).url, corpus)
     assert v3.segments == v1.segments and v3.waiting == 1
 
 
@@ -572,16 +572,16 @@ def test_the_stream_digest_is_the_same_for_the_same_stream_on_another_worker_cou
     "not W, nor where it is stored"."""
     corpus = Corpus(tmp_path / "corpus")
     corpus.generate(6, 30, seed=5, prefix="doc")
-    two, _ = verify_version(build_dataset(request(tmp_path, corpus.directory, rows=4, workers=2)), corpus)
-    one, _ = verify_version(build_dataset(request(tmp_path, corpus.directory, rows=4, workers=1)), corpus)
+    two, _ = verify_version(build_dataset(request(tmp_path, corpus.directory, rows=4, workers=2)).url, corpus)
+    one, _ = verify_version(build_dataset(request(tmp_path, corpus.directory, rows=4, workers=1)).url, corpus)
     elsewhere, _ = verify_version(build_dataset(request(tmp_path, corpus.directory,
-                                                        dataset_root=str(tmp_path / "elsewhere"))), corpus)
+                                                        dataset_root=str(tmp_path / "elsewhere"))).url, corpus)
     train = read_windows(two.url, two, "train")
     assert np.array_equal(read_windows(one.url, one, "train"), train)
     assert np.array_equal(read_windows(elsewhere.url, elsewhere, "train"), train)
     assert one.stream == two.stream == elsewhere.stream
     # another R is another stream
-    four, _ = verify_version(build_dataset(request(tmp_path, corpus.directory, rows=2, workers=2)), corpus)
+    four, _ = verify_version(build_dataset(request(tmp_path, corpus.directory, rows=2, workers=2)).url, corpus)
     assert four.stream != two.stream
 
 
@@ -591,11 +591,11 @@ def test_the_stream_digest_is_the_same_for_the_same_stream_from_a_moved_corpus(r
     corpus = Corpus(tmp_path / "corpus")
     corpus.generate(6, 30, seed=6, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
-    first, _ = verify_version(build_dataset(wanted), corpus)
+    first, _ = verify_version(build_dataset(wanted).url, corpus)
     moved = Corpus(tmp_path / "moved")
     for path in sorted(corpus.directory.iterdir()):
         os.utime(moved.write(path.name, path.read_bytes()), ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
-    second, _ = verify_version(build_dataset(request(tmp_path, moved.directory)), moved)
+    second, _ = verify_version(build_dataset(request(tmp_path, moved.directory)).url, moved)
     assert second.version == 2  # the same dataset directory: every document moved, so one new segment
     assert np.array_equal(read_windows(first.url, first, "train"), read_windows(second.url, second, "train"))
     assert first.stream == second.stream
@@ -618,7 +618,7 @@ runpy.run_module("charnn.cli.tokenize", run_name="__main__", alter_sys=True)
 def assert_nothing_new_writes_nothing(wanted, newest: str, manifest) -> None:
     """Nothing new: the same version, and not a byte written anywhere under the dataset root."""
     everything = snapshot(wanted.dataset_root)
-    assert build_dataset(wanted) == newest
+    assert build_dataset(wanted).url == newest
     assert snapshot(wanted.dataset_root) == everything
     assert load_manifest(newest) == manifest and load_manifest(newest).stream == manifest.stream
 
@@ -694,7 +694,7 @@ def test_a_rebuild_killed_at_any_point_leaves_the_older_version_whole_and_a_reru
     corpus.generate(6, 30, seed=10, prefix="doc")
     wanted = request(tmp_path, corpus.directory)
     directory = dataset_directory(wanted)
-    first = build_dataset(wanted)
+    first = build_dataset(wanted).url
     v1, v1_windows = verify_version(first, corpus)
     before = snapshot(directory)
     corpus.generate(3, 40, seed=11, prefix="later")
@@ -726,6 +726,6 @@ def test_a_rebuild_killed_at_any_point_leaves_the_older_version_whole_and_a_reru
         assert any(name == "segment.json" for name in killed[-1][1]), "the last kill came before the segment was whole"
 
         second = assert_rerun_completes(jobs, corpus, (v1, v1_windows), before)
-        assert build_dataset(wanted) == second
+        assert build_dataset(wanted).url == second
     finally:
         jobs.kill_all()

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from charnn.model import CharGRU, ModelShape
-from charnn.registry import ModelRegistry
+from charnn.registry import DatasetInfo, ModelRegistry, VersionInfo
 from charnn.storage import Store
 from support.env import LOOPBACK_ENV, REPO
 from support.servers import end_processes, free_port
@@ -54,7 +54,7 @@ def publish(root: Path, checkpoint_url: str) -> str:
     """Publish a checkpoint as the model's next version, over the one published now."""
     registry = ModelRegistry(str(root / "runs" / "models" / MODEL), Store())
     with registry.lease(60) as lease:
-        info = {"dataset": {"sources": []}, "metrics": {"val_loss": 4.0}}
+        info = VersionInfo(metrics={"val_loss": 4.0}, dataset=DatasetInfo(sources=[]))
         return registry.publish(checkpoint_url, info, lease, replaces=registry.published()).name
 
 

@@ -1,4 +1,4 @@
-"""Tests for charnn.config: real YAML files in tmp_path, no mocks, no Ray."""
+"""Tests for charnn.spec_loader (the schema is charnn.config's): real YAML files in tmp_path, no mocks, no Ray."""
 import argparse
 import ast
 import dataclasses
@@ -13,9 +13,9 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from charnn.config import (
-    Spec, SpecError, add_spec_arguments, dump_spec, expand_path, load_spec,
-    spec_from_args, spec_from_dict, spec_to_dict,
+from charnn.config import Spec
+from charnn.spec_loader import (
+    SpecError, add_spec_arguments, dump_spec, expand_path, load_spec, spec_from_args, spec_from_dict, spec_to_dict,
 )
 
 
@@ -340,9 +340,10 @@ def isolated(code, timeout=30):
 
 
 def isolated_error(call, timeout=30):
-    """The SpecError message of `call` (Python source using charnn.config), run in isolation."""
-    return ast.literal_eval(isolated("from charnn.config import *\ntry:\n    " + call + "\nexcept SpecError as e:\n"
-                    "    print(repr(str(e)))\nelse:\n    print(repr('no error'))", timeout))
+    """The SpecError message of `call` (Python source using charnn.spec_loader), run in isolation."""
+    code = ("from charnn.spec_loader import *\ntry:\n    " + call + "\nexcept SpecError as e:\n"
+            "    print(repr(str(e)))\nelse:\n    print(repr('no error'))")
+    return ast.literal_eval(isolated(code, timeout))
 
 
 def alias_bomb(levels=9):
@@ -518,7 +519,7 @@ def test_extend_fan_out_reads_each_file_once(tmp_path):
     write(tmp_path, "c.yaml", "data: {sources: [c]}\n")
     write(tmp_path, "b.yaml", "extend: [" + ", ".join(["c.yaml"] * 1000) + "]\n")
     path = write(tmp_path, "a.yaml", "extend: [" + ", ".join(["b.yaml"] * 1000) + "]\n")
-    code = f"from charnn.config import load_spec\nprint(load_spec({path!r}).data.sources)"
+    code = f"from charnn.spec_loader import load_spec\nprint(load_spec({path!r}).data.sources)"
     assert isolated(code) == "['c']"
 
 
@@ -548,6 +549,7 @@ def test_names_with_inner_dots_are_fine(tmp_path, name):
     assert spec.run.name == spec.retrain.model == name
 
 
+@pytest.mark.ray  # a job in a process of its own (seconds of imports): not for `make check`
 def test_generate_refuses_dot_model_names(tmp_path):
     command = [sys.executable, "jobs/generate.py", "--model", "..", "--storage", str(tmp_path)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)

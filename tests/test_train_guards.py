@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from charnn.checkpoint import latest_checkpoint, load_payload
-from charnn.config import load_spec
+from charnn.spec_loader import load_spec
 from charnn.data.build import DatasetRequest, build_dataset
+from charnn.data.runners import InProcess
 from charnn.errors import UserError
 from charnn.storage import Store
 from charnn.train.context import LocalContext
@@ -34,16 +35,10 @@ def smoke(root, name: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """A tiny dataset, built on a local Ray that is shut down before the tests (they run in-process)."""
-    import ray
-
+    """A tiny dataset, built in this process (no Ray, as the tests)."""
     root = tmp_path_factory.mktemp("guards")
     write_corpus(root / "corpus", documents=6, lines=14, seed=5)
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any")))
-    finally:
-        ray.shutdown()
+    return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any")), runner=InProcess()).url
 
 
 def trainer(dataset, name: str, *overrides: str) -> Trainer:
@@ -170,7 +165,7 @@ def test_under_a_time_budget_the_learning_rate_moves_only_at_log_steps(dataset):
     assert moved and all(i % 4 == 0 for i in moved), moved
     assert rates[-1] < rates[0] and len(rates) % 4 == 0 and 12 <= len(rates) <= 16
     last = read_points(Store(), str(dataset[0] / "runs" / "paced"))["train"][-1]
-    assert last["lr"] == pytest.approx(0.01 * 0.1)  # the budget is spent: the cosine is at its floor
+    assert last.lr == pytest.approx(0.01 * 0.1)  # the budget is spent: the cosine is at its floor
 
 
 def test_a_resumed_time_budget_paces_from_the_checkpoints_training_clock(dataset, tmp_path, monkeypatch):
@@ -199,9 +194,9 @@ def test_a_run_resumed_at_its_end_without_validation_figures_is_validated_and_sa
     state = run.train()
     final = load_payload(latest_checkpoint(str(dataset[0] / "runs" / name)))
     assert state.step == final["step"] == 2 and VAL_FIGURES <= final["metrics"].keys()
-    assert VAL_FIGURES <= run.context.reports[-1].keys() and VAL_FIGURES <= state.metrics.keys()
-    assert [p["step"] for p in read_points(Store(), str(dataset[0] / "runs" / name))["val"]] == [2]
+    assert VAL_FIGURES <= run.context.reports[-1].keys() and VAL_FIGURES <= state.figures.to_metrics().keys()
+    assert [p.step for p in read_points(Store(), str(dataset[0] / "runs" / name))["val"]] == [2]
     saved = checkpoints(dataset, name)
     again = trainer(dataset, name, end[1], *cadence)
-    assert again.train().metrics["val_loss"] == final["metrics"]["val_loss"]  # finished: reported, not redone
+    assert again.train().figures.val.loss == final["metrics"]["val_loss"]  # finished: reported, not redone
     assert checkpoints(dataset, name) == saved and VAL_FIGURES <= again.context.reports[-1].keys()

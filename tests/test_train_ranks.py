@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from charnn.model import CharGRU, ModelShape
+from charnn.train.collectives import ProcessGroup
 from charnn.train.optim import TimeBudget, make_optimizer, pace
 from charnn.train.step import TrainingDiverged, check_weights_and_loss
 
@@ -30,7 +31,7 @@ def learning_rates(budget: TimeBudget, clock: float) -> list[float]:
         optimizer.step()
         scheduler.step()
         if log_step:
-            budget.agree(clock, torch.device("cpu"))
+            budget.agree(clock, ProcessGroup())
             pace(scheduler)
         rates.append(optimizer.param_groups[0]["lr"])
     return rates
@@ -44,7 +45,7 @@ def divergence(rank: int) -> str | None:
         with torch.no_grad():
             model.head.bias[0] = float("nan")
     try:
-        check_weights_and_loss(model, torch.tensor(1.5), 30, torch.device("cpu"))
+        check_weights_and_loss(model, torch.tensor(1.5), 30, ProcessGroup())
     except TrainingDiverged as exc:
         return str(exc)
     return None
@@ -87,5 +88,5 @@ def test_weights_that_diverged_on_one_rank_stop_every_rank_at_the_same_step(two_
 
 def test_one_rank_agrees_with_itself():
     budget = TimeBudget(seconds=60.0)
-    assert not budget.agree(12.5, torch.device("cpu")) and budget.agreed == 12.5 and budget.progress() == 12.5 / 60
-    assert budget.agree(60.0, torch.device("cpu")) and budget.spent() and budget.progress() == 1.0
+    assert not budget.agree(12.5, ProcessGroup()) and budget.agreed == 12.5 and budget.progress() == 12.5 / 60
+    assert budget.agree(60.0, ProcessGroup()) and budget.spent() and budget.progress() == 1.0

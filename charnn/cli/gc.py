@@ -14,7 +14,7 @@ import argparse
 from typing import Sequence
 
 from charnn.cli.runtime import execute
-from charnn.config import add_spec_arguments, expand_path, spec_from_args
+from charnn.spec_loader import add_spec_arguments, expand_path, spec_from_args
 from charnn.registry import ModelRegistry
 from charnn.retention import DEFAULT_MIN_AGE_S, KINDS, GcReport, collect
 from charnn.storage import Store, join, redact

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from charnn.cli.runtime import execute
-from charnn.config import RunConfig, check_value, expand_path
+from charnn.config import RunConfig
+from charnn.spec_loader import check_value, expand_path
 from charnn.storage import Store, join
 from charnn.registry import ModelRegistry, RegistryError
 from charnn.sample import GenerateOptions, stream_text

@@ -34,19 +34,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_cluster
-from charnn.config import Spec, dump_spec
+from charnn.config import Spec
+from charnn.spec_loader import dump_spec
 from charnn.errors import CharnnError
 from charnn.data.alphabet import alphabet_size
 from charnn.data.build import DatasetRequest, build_dataset, listed_documents
-from charnn.data.dataset import load_manifest
+from charnn.data.dataset import Manifest, load_manifest
 from charnn.storage import Store, join
-from charnn.checkpoint import check_compatible, load_payload
-from charnn.train.metrics import say
-from charnn.train.trainer import model_shape
-from charnn.registry import SOURCES_FILE, Lease, ModelRegistry, Version
+from charnn.checkpoint import check_compatible, load_meta
+from charnn.log import say
+from charnn.model import ModelShape
+from charnn.train.figures import ValFigures
+from charnn.registry import SOURCES_FILE, DatasetInfo, Lease, ModelRegistry, Version, VersionInfo
 from charnn.retention import collect
 from charnn.evaluate import evaluate_checkpoints
-from charnn.train.launch import fit
+from charnn.train.launch import fit, prepare_run
 
 
 def changed_documents(current: dict[str, str | None], published: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -89,7 +91,7 @@ class Candidate:
     spec: Spec
     url: str
     dataset: str
-    info: dict
+    info: VersionInfo
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,10 @@ def plan_fine_tune(segment_steps: list[int], is_new: list[bool], steps: int, rep
 
 def _segments_of(version: Version, store: Store) -> set[str]:
     """The segments of the dataset a published version was trained on; none if it cannot tell."""
+    url = version.info.dataset and version.info.dataset.url
     try:
-        return {s.id for s in load_manifest(version.info["dataset"]["url"], store).segments}
-    except (CharnnError, KeyError, TypeError):
+        return {s.id for s in load_manifest(url, store).segments} if url else set()
+    except CharnnError:
         return set()
 
 
@@ -130,12 +133,11 @@ def candidate_spec(spec: Spec, registry: ModelRegistry, plan: FineTune | None) -
     return dataclasses.replace(spec, train=train, run=run)
 
 
-def fine_tune_plan(spec: Spec, dataset: str, new: list[str], incumbent: Version) -> FineTune:
-    """``plan_fine_tune`` for the dataset version at ``dataset``: a segment is new if it holds one
+def fine_tune_plan(spec: Spec, manifest: Manifest, new: list[str], incumbent: Version) -> FineTune:
+    """``plan_fine_tune`` for the dataset version ``manifest``: a segment is new if it holds one
     of the ``new`` documents (their url_keys), or if the incumbent's dataset did not have it (it
     holds the documents of a segment that a removed document left)."""
     store = Store.of(spec.storage)
-    manifest = load_manifest(dataset, store)
     keys = manifest.sources(store).column("url_key")
     holds_new = pc.is_in(keys, value_set=pa.array(new, pa.string())).to_numpy(zero_copy_only=False)
     bounds = np.cumsum([0, *(s.documents for s in manifest.segments)])
@@ -162,10 +164,11 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
     say(f"charnn.retrain: {len(new)} new or changed and {len(removed)} removed documents since "
         f"{incumbent.name if incumbent else 'the start (nothing published)'}")
     if incumbent:  # fail before any work if the spec no longer fits the published model
-        check_compatible(load_payload(incumbent.url, Store.of(spec.storage)), model_shape(spec, spec.data.alphabet),
-                         spec.data.alphabet)
-    dataset = build_dataset(request)
-    plan = fine_tune_plan(spec, dataset, new, incumbent) if incumbent else None
+        check_compatible(load_meta(incumbent.url, Store.of(spec.storage)),
+                         ModelShape.from_spec(spec, spec.data.alphabet), spec.data.alphabet)
+    manifest = build_dataset(request)
+    dataset = manifest.url
+    plan = fine_tune_plan(spec, manifest, new, incumbent) if incumbent else None
     if plan:
         step_tokens = spec.cluster.num_workers * spec.train.batch_per_worker * spec.data.seq_len
         result.update(new_tokens=plan.new_steps * step_tokens, new_tokens_seen=plan.new_steps_read * step_tokens)
@@ -174,28 +177,29 @@ def retrain(spec: Spec, registry: ModelRegistry, lease: Lease) -> dict:
             f"too few to fill a step of training (they wait for more text)")
         return {**result, "action": "skipped", "dataset": dataset}
     candidate_run = candidate_spec(spec, registry, plan)
-    candidate_url = fit(candidate_run, dataset, init_from=incumbent.url if incumbent else None)
+    candidate_url = fit(prepare_run(candidate_run), manifest,
+                        init_from=incumbent.url if incumbent else None).checkpoint
     ours, theirs = _evaluate(spec, candidate_url, incumbent, dataset)
-    result.update(candidate_val_loss=ours["val_loss"], incumbent_val_loss=theirs and theirs["val_loss"],
+    result.update(candidate_val_loss=ours.loss, incumbent_val_loss=theirs and theirs.loss,
                   candidate=candidate_url, dataset=dataset)
-    candidate = Candidate(candidate_run, candidate_url, dataset, {
-        "metrics": ours, "incumbent": incumbent and {"version": incumbent.name, **theirs},
-        "candidate": candidate_url, "spec": dump_spec(candidate_run),
-        "dataset": {"url": dataset, "documents": len(current)}})
-    versus = f"incumbent {incumbent.name} {theirs['val_loss']:.4f}" if incumbent else "nothing published"
-    why = rejection(ours["val_loss"], theirs and theirs["val_loss"], spec.retrain.min_improvement,
+    candidate = Candidate(candidate_run, candidate_url, dataset, VersionInfo(
+        ours.metrics(), incumbent and {"version": incumbent.name, **theirs.metrics()}, candidate_url,
+        dump_spec(candidate_run), DatasetInfo(dataset, len(current))))
+    versus = f"incumbent {incumbent.name} {theirs.loss:.4f}" if incumbent else "nothing published"
+    why = rejection(ours.loss, theirs and theirs.loss, spec.retrain.min_improvement,
                     worse_than_uniform(spec.data.alphabet))
     if why is None:
         version = _promote(registry, lease, incumbent, candidate)
-        say(f"charnn.retrain: promoted {version}: val_loss {ours['val_loss']:.4f} against {versus}")
+        say(f"charnn.retrain: promoted {version}: val_loss {ours.loss:.4f} against {versus}")
         return {**result, "action": "promoted", "model_version": version}
-    record = registry.reject(candidate_run.run.name, {**candidate.info, "reason": why})
-    say(f"charnn.retrain: rejected the candidate: val_loss {ours['val_loss']:.4f} against {versus}: {why}; "
+    record = registry.reject(candidate_run.run.name, dataclasses.replace(candidate.info, reason=why), lease)
+    say(f"charnn.retrain: rejected the candidate: val_loss {ours.loss:.4f} against {versus}: {why}; "
         f"recorded in {record}")
     return {**result, "action": "rejected", "rejected": record}
 
 
-def _evaluate(spec: Spec, candidate_url: str, incumbent: Version | None, dataset: str) -> tuple[dict, dict | None]:
+def _evaluate(spec: Spec, candidate_url: str, incumbent: Version | None,
+              dataset: str) -> tuple[ValFigures, ValFigures | None]:
     """Validation figures of the candidate and the incumbent on the new dataset, in one Ray task."""
     import ray
 

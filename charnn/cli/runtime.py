@@ -11,7 +11,8 @@ import threading
 import time
 from typing import Callable
 
-from charnn.config import Spec, add_spec_arguments, expand_path, spec_from_args
+from charnn.config import Spec
+from charnn.spec_loader import add_spec_arguments, expand_path, spec_from_args
 from charnn.errors import Busy, CharnnError, Unavailable, UserError, as_charnn_error, last_line
 from charnn.storage import redact
 
@@ -133,6 +134,13 @@ def _wait_for_gcs(address: str, deadline: float) -> None:
             time.sleep(1)
 
 
+# Ray Train's settings for an embedded Ray, where no node is a spot node and runs are often seconds
+# long: the preemption watcher is one more actor process per worker group, and the controller's
+# poll of its workers (2 s) is what a short run waits on after its last step.  Set beforehand, a
+# variable keeps its value.
+EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def _init_options(address: str) -> dict:
     """ray.init's arguments.  Ray Train's placement-group cleaner asks whether its controller lives
     through Ray's state API, and a worker process with no RAY_ADDRESS asks the newest cluster on the
@@ -140,7 +148,8 @@ def _init_options(address: str) -> dict:
     placement group removed: our workers are told which cluster is theirs."""
     if not address:
         port = _free_port()  # the embedded dashboard's port, chosen here so that workers can be told it
-        own = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        own = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+               **{k: v for k, v in EMBEDDED_TRAIN_ENV.items() if k not in os.environ}}
         # dashboard on 127.0.0.1: Ray Train needs its state API
         return {"address": "local", "dashboard_port": port, "log_to_driver": True, "runtime_env": {"env_vars": own}}
     own = {} if "://" in address else {"RAY_ADDRESS": _resolved(address)}
@@ -277,10 +286,21 @@ def execute(run: Callable[[], dict | None]) -> None:
             raise  # a bug: its traceback is what a developer needs
         print(f"charnn: {'busy' if isinstance(error, Busy) else 'error'}: {redact(str(error))}", file=sys.stderr,
               flush=True)
+        _skip_collections_at_exit()
         sys.exit(error.exit_status)
     if result is not None:
         _stop_ray()  # workers' forwarded log lines would otherwise land after the result line
         print_result(result)
+    _skip_collections_at_exit()
+
+
+def _skip_collections_at_exit() -> None:
+    """The command is done: what it holds goes back to the OS when the process ends.  Python's
+    collections at exit would walk every object of torch, Ray and pandas first (0.5 to 3 s of a
+    loaded core, measured: bench/fixed_cost.py); frozen objects are left out of them."""
+    import gc
+
+    gc.freeze()
 
 
 def _one_line_error(exc: Exception) -> CharnnError | None:

@@ -8,7 +8,8 @@ import argparse
 import threading
 
 from charnn.cli.runtime import execute, init_ray, interrupt_on_sigterm
-from charnn.config import RunConfig, ServeConfig, check_value, expand_path
+from charnn.config import RunConfig, ServeConfig
+from charnn.spec_loader import check_value, expand_path
 from charnn.registry import ModelRegistry, RegistryError
 from charnn.storage import Store, join
 from charnn.train.metrics import say

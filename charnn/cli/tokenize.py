@@ -3,16 +3,13 @@
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_shared_storage
 from charnn.data.build import DatasetRequest, build_dataset
-from charnn.data.dataset import load_manifest
-from charnn.storage import Store
 
 
 def run() -> dict:
     spec = job_spec(__doc__)
     require_shared_storage(spec, init_ray())
-    url = build_dataset(DatasetRequest.from_spec(spec))
-    manifest = load_manifest(url, Store.of(spec.storage))
-    return {"dataset": url, "version": manifest.version, "segments": len(manifest.segments),
+    manifest = build_dataset(DatasetRequest.from_spec(spec))
+    return {"dataset": manifest.url, "version": manifest.version, "segments": len(manifest.segments),
             "documents": manifest.documents, "waiting_documents": manifest.waiting,
             **{f"{s}_{k}": getattr(manifest.splits[s], k) for s in ("train", "val")
                for k in ("rows", "row_length", "tokens")}}

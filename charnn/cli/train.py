@@ -11,46 +11,42 @@ job trains a run, another job of the same run exits with status 75 and writes no
 import yaml
 
 from charnn.cli.runtime import init_ray, job_spec, execute, require_cluster
-from charnn.config import Spec, dump_spec
+from charnn.spec_loader import dump_spec
 from charnn.data.build import DatasetRequest, build_dataset, dataset_directory
-from charnn.data.dataset import VERSIONS, DatasetError, load_manifest
-from charnn.train.metrics import say
-from charnn.storage import StorageError, Store, describe_error, join
-from charnn.sample import GenerateOptions, sample_text
-from charnn.checkpoint import check_compatible, checkpoint_names, latest_checkpoint, load_model, load_payload
-from charnn.train.trainer import model_shape
-from charnn.train.launch import check_resume, fit, run_lease
+from charnn.data.dataset import VERSIONS, DatasetError, Manifest, load_manifest
+from charnn.log import say
+from charnn.storage import StorageError, describe_error
+from charnn.train.launch import RunPlan, RunResult, check_resume_data, fit, prepare_run, run_lease
 
 
 def run() -> dict:
     spec = job_spec(__doc__)
-    checked = _checked_resume(spec)  # a resume of another model or other settings is refused before Ray starts
+    plan = prepare_run(spec)  # a resume of another model or other settings is refused before Ray starts
     require_cluster(spec, init_ray(spec.cluster.connect_timeout_s))
-    with run_lease(spec) as lease:  # from here on this job alone reads, resumes and writes the run
-        if checkpoint_names(_run_url(spec), Store.of(spec.storage)) != checked[0]:
-            checked = _checked_resume(spec)  # another job wrote checkpoints meanwhile
-        dataset = _dataset(spec, checked[1])
-        if checked[1]:
-            check_resume(spec, checked[1], load_manifest(dataset, Store.of(spec.storage)))
-        _write_spec(spec)
-        checkpoint = fit(spec, dataset, lease=lease)
-    return _report(spec, dataset, checkpoint)
+    with run_lease(plan) as lease:  # from here on this job alone reads, resumes and writes the run
+        plan = plan.again_if_written()  # another job wrote checkpoints meanwhile
+        manifest = _dataset(plan)
+        if plan.resumed:
+            check_resume_data(plan, manifest)
+        _write_spec(plan)
+        result = fit(plan, manifest, lease=lease)
+    return _report(plan, manifest, result)
 
 
-def _dataset(spec: Spec, saved: dict | None) -> str:
+def _dataset(plan: RunPlan) -> Manifest:
     """The dataset version to train on: a resumed run's own, if the spec names the same sources and
     layout and that version is still there (a corpus that grew meanwhile is for the next run);
-    else the newest, built with what is new (which ``check_resume`` compares with the run's)."""
-    request = DatasetRequest.from_spec(spec)
-    started_on = (saved or {}).get("dataset", {}).get("url")
+    else the newest, built with what is new (which ``check_resume_data`` compares with the run's)."""
+    request = DatasetRequest.from_spec(plan.spec)
+    started_on = plan.resumed and plan.resumed.dataset and plan.resumed.dataset.url
     if (started_on and started_on.rsplit(f"/{VERSIONS}/", 1)[0] == dataset_directory(request)
-            and _sources_of(saved.get("spec")) == _sources_of(dump_spec(spec))):
+            and _sources_of(plan.resumed.spec) == _sources_of(dump_spec(plan.spec))):
         try:
-            load_manifest(started_on, request.store)
-            say(f"charnn: resuming {spec.run.name} on the dataset version it started with, {started_on}")
-            return started_on
+            manifest = load_manifest(started_on, request.store)
+            say(f"charnn: resuming {plan.spec.run.name} on the dataset version it started with, {started_on}")
+            return manifest
         except DatasetError:
-            pass  # removed since: the newest version, which check_resume compares with the run's
+            pass  # removed since: the newest version, which check_resume_data compares with the run's
     return build_dataset(request)
 
 
@@ -62,44 +58,24 @@ def _sources_of(spec_text: str | None) -> list | None:
         return None
 
 
-def _run_url(spec: Spec) -> str:
-    return join(spec.run.storage, spec.run.name)
-
-
-def _checked_resume(spec: Spec) -> tuple[list[str], dict | None]:
-    """(the run's checkpoint names, the model.pt of its newest good one, checked against the spec:
-    of another model or other settings, it is refused here)."""
-    store = Store.of(spec.storage)
-    names = checkpoint_names(_run_url(spec), store)
-    resume_from = latest_checkpoint(_run_url(spec), store) if names else None
-    saved = load_payload(resume_from, store) if resume_from else None
-    if saved:
-        check_compatible(saved, model_shape(spec, spec.data.alphabet), spec.data.alphabet)
-        check_resume(spec, saved)
-    return names, saved
-
-
-def _write_spec(spec: Spec) -> None:
-    run_url = _run_url(spec)
+def _write_spec(plan: RunPlan) -> None:
     try:
-        Store.of(spec.storage).write(join(run_url, "spec.yaml"), dump_spec(spec).encode())
+        plan.storage.store.write(plan.storage.spec_yaml, dump_spec(plan.spec).encode())
     except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
-        raise StorageError(f"cannot write the run's spec {describe_error(run_url, exc)}") from None
+        raise StorageError(f"cannot write the run's spec {describe_error(plan.storage.run_url, exc)}") from None
 
 
-def _report(spec: Spec, dataset: str, checkpoint: str) -> dict:
+def _report(plan: RunPlan, manifest: Manifest, result: RunResult) -> dict:
     """Print the final checkpoint's validation figures and a sample; the job's result line."""
-    model, payload = load_model(checkpoint, Store.of(spec.storage))
-    metrics = payload["metrics"]
-    sample = "".join(sample_text(model, payload["alphabet"], GenerateOptions(length=spec.train.sample_length, top_k=2)))
-    print(f"charnn: val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.3f} "
-          f"val_bpc {metrics['val_bpc']:.3f}\ncharnn: sample:\n{sample}", flush=True)
+    figures, val = result.figures, result.figures.val
+    print(f"charnn: val_loss {val.loss:.4f} val_accuracy {val.accuracy:.3f} val_bpc {val.bpc:.3f}\n"
+          f"charnn: sample:\n{result.sample}", flush=True)
     return {
-        "run": spec.run.name, "run_url": _run_url(spec), "dataset": dataset,
-        "checkpoint": checkpoint, "steps": metrics["step"], "epoch": metrics["epoch"],
-        "first_loss": metrics["first_loss"], "train_loss": metrics["train_loss"], "val_loss": metrics["val_loss"],
-        "val_accuracy": metrics["val_accuracy"], "tokens_per_s": metrics["tokens_per_s"],
-        "workers": payload.get("history", {}).get("workers"),  # [[first step, workers], ...]: each stretch's group
+        "run": plan.spec.run.name, "run_url": plan.storage.run_url, "dataset": manifest.url,
+        "checkpoint": result.checkpoint, "steps": figures.step, "epoch": figures.epoch,
+        "first_loss": figures.first_loss, "train_loss": figures.train and figures.train.loss, "val_loss": val.loss,
+        "val_accuracy": val.accuracy, "tokens_per_s": figures.tokens_per_s,
+        "workers": result.workers,  # [[first step, workers], ...]: each stretch's group
     }
 
 

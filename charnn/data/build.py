@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from charnn.config import fields_with_role, role_settings
 from charnn.errors import CharnnError, UserError, root_cause
 from charnn.data.alphabet import alphabet_size
 from charnn.data.cache import FIGURES, RESULT, cache_url, dataset_root_access, load_index, lookup
@@ -37,8 +38,8 @@ from charnn.data.dataset import (FORMAT, SEGMENT, SEGMENTS, Manifest, SegmentRec
 from charnn.data.segments import document_keys, flatten, plan_growth
 from charnn.data.layout import Layout, LayoutError, ShardPlan, plan_rows, plan_shards, validation_rows
 from charnn.data.sources import SPLIT_RULE, list_documents, split_array, url_keys
-from charnn.data.operators import (EncodeSource, ShardPlanRow, ShardSink, StageOptions,
-                                  in_listing_order, read, unreserved)
+from charnn.data.operators import EncodeSource, ShardPlanRow, StageOptions, in_listing_order
+from charnn.data.runners import TaskRunner, stage_runner
 from charnn.storage import StorageError, Store, describe_error, join, redact, redact_urls
 from charnn.data.stream import Stream
 
@@ -61,7 +62,8 @@ class PipelineError(UserError):
 
 @dataclass(frozen=True)
 class DatasetRequest:
-    """Everything that determines a dataset's content."""
+    """Everything that determines a dataset's content.  ``from_spec`` fills the fields named as the
+    spec's dataset-role data keys (charnn.config), and they name the dataset (``dataset_settings``)."""
 
     sources: list[str]
     alphabet: str
@@ -79,13 +81,21 @@ class DatasetRequest:
 
     @classmethod
     def from_spec(cls, spec) -> "DatasetRequest":
+        # the spec's dataset-role data keys (charnn.config) reach the fields of their names
+        settings = {dotted.removeprefix("data."): value for dotted, value in role_settings(spec, "dataset").items()
+                    if dotted not in _FROM_SPEC}
         return cls(
-            sources=list(spec.data.sources), alphabet=spec.data.alphabet, seq_len=spec.data.seq_len,
-            rows=spec.cluster.num_workers * spec.train.batch_per_worker, workers=spec.cluster.num_workers,
-            val_fraction=spec.data.val_fraction, shard_mb=spec.data.shard_mb,
-            dataset_root=spec.data.dataset_root, store=Store.of(spec.storage),
-            stage=StageOptions(spec.data.max_concurrency),
+            sources=list(spec.data.sources), rows=spec.cluster.num_workers * spec.train.batch_per_worker,
+            workers=spec.cluster.num_workers, **settings, dataset_root=spec.data.dataset_root,
+            store=Store.of(spec.storage), stage=StageOptions(spec.data.max_concurrency),
         )
+
+
+# The request's fields that the dataset-role keys outside the data section make: R and W.
+_FROM_SPEC = {"train.batch_per_worker": "rows", "cluster.num_workers": "workers"}
+# Dataset settings that decide how the rows are stored, not which rows: a segment's name leaves them
+# out, and so does the stream digest (charnn.data.dataset.stream_digest).
+STORAGE_ONLY = ("workers", "shard_mb")
 
 
 def listed_documents(request: DatasetRequest, laid_out: pa.Table | None = None) -> pa.Table:
@@ -105,7 +115,7 @@ def listed_documents(request: DatasetRequest, laid_out: pa.Table | None = None) 
     return found
 
 
-def kept_splits(url: str, keys: pa.ChunkedArray, store: Store = Store()) -> np.ndarray | None:
+def kept_splits(url: str, keys: pa.ChunkedArray, store: Store) -> np.ndarray | None:
     """Per ``url_key`` in ``keys``: the split that the table at ``url`` gives it, or "" where it
     lists none; None, with a warning, for a table without splits (a version published before
     they were kept)."""
@@ -132,8 +142,7 @@ def _kept_from(table: pa.Table, keys: pa.ChunkedArray) -> np.ndarray:
 
 def _read_splits_table(url: str, store: Store) -> pa.Table:
     try:
-        fs, path = store.fs(url)
-        data = fs.cat_file(path)
+        data = store.read(url)
     except Exception as exc:  # noqa: BLE001 - whichever backend raised it
         raise StorageError(f"cannot read the splits to keep: {describe_error(url, exc)}") from None
     try:
@@ -161,16 +170,15 @@ def encode_groups(documents: pa.Table, cpus: int) -> list[pa.Table]:
 
 
 def encode_documents(missing: pa.Table, request: DatasetRequest) -> pa.Table:
-    """The figures of every ``missing`` document, in its order: Ray Data's read of ``EncodeSource``."""
-    import ray
-
+    """The figures of every ``missing`` document, in its order: the read of ``EncodeSource``, by
+    the stage's runner (``charnn.data.runners``)."""
     if missing.num_rows == 0:
         return RESULT.empty_table().select([*FIGURES, "error"])
-    groups = encode_groups(missing, int(ray.cluster_resources().get("CPU", 1)))
+    runner = stage_runner(request.stage, pc.sum(missing.column("size")).as_py())
+    groups = encode_groups(missing, runner.cpus())
     source = EncodeSource(groups, request.dataset_root, request.alphabet, request.store)
     with _stage("encoding the documents"):
-        blocks = read(source, request.stage).iter_batches(batch_size=None, batch_format="pyarrow")
-        figures = in_listing_order(blocks)
+        figures = in_listing_order(runner.encode(source, request.stage))
     return figures.set_column(1, "blob", figures.column("blob").cast(pa.string()))
 
 
@@ -238,22 +246,29 @@ def stream_of(documents: pa.Table, split: str, request: DatasetRequest) -> Strea
                      blobs.indices.to_numpy()[rows], offsets[rows] + first, length)
 
 
+def dataset_settings(request: DatasetRequest) -> dict:
+    """What names the request's dataset: its fields for the spec's dataset-role keys (charnn.config).
+    A field with a default names it only where it differs, so that a setting added later leaves the
+    datasets built before it (as its default builds them) where they are."""
+    names = sorted(_FROM_SPEC.get(dotted, dotted.removeprefix("data.")) for dotted in fields_with_role("dataset"))
+    defaults = {f.name: f.default for f in dataclasses.fields(request)}
+    return {name: getattr(request, name) for name in names if getattr(request, name) != defaults[name]}
+
+
 def dataset_directory(request: DatasetRequest) -> str:
     """The dataset directory: named by what decides its layout, not by its documents (a corpus that
     grows adds versions to the same directory)."""
     digest = hashlib.sha256(json.dumps({
-        "format": FORMAT, "alphabet": request.alphabet, "seq_len": request.seq_len, "rows": request.rows,
-        "workers": request.workers, "val_fraction": request.val_fraction, "shard_mb": request.shard_mb,
-        "split_rule": SPLIT_RULE}, sort_keys=True).encode())
+        "format": FORMAT, **dataset_settings(request), "split_rule": SPLIT_RULE}, sort_keys=True).encode())
     return join(request.dataset_root, digest.hexdigest()[:16])
 
 
 def segment_id(request: DatasetRequest, val_rows: int, documents: pa.Table) -> str:
     """A segment's name: a hash of what decides its rows (not W, nor where it is stored, so that a
     run resumes on another number of workers or a moved dataset) and its documents in order."""
-    digest = hashlib.sha256(json.dumps({
-        "alphabet": request.alphabet, "seq_len": request.seq_len, "rows": request.rows, "val_rows": val_rows,
-        "val_fraction": request.val_fraction, "split_rule": SPLIT_RULE}, sort_keys=True).encode())
+    rows = {k: v for k, v in dataset_settings(request).items() if k not in STORAGE_ONLY}
+    digest = hashlib.sha256(json.dumps({**rows, "val_rows": val_rows, "split_rule": SPLIT_RULE},
+                                       sort_keys=True).encode())
     for key in document_keys(documents).to_pylist():
         digest.update(f"{key}\n".encode())
     return digest.hexdigest()[:16]
@@ -278,9 +293,12 @@ def _lay_out(free: pa.Table, request: DatasetRequest, val_rows: int | None) -> d
     return layouts if len(layouts) == 2 or not both else {}  # a document in both splits waits for both
 
 
-def build_dataset(request: DatasetRequest) -> str:
-    """URL of the newest version of the dataset for ``request``, with a new segment for the
-    documents that no version holds yet (see ``charnn.data.segments``)."""
+def build_dataset(request: DatasetRequest, runner: TaskRunner | None = None) -> Manifest:
+    """The newest version of the dataset for ``request`` (its manifest), with a new segment for the
+    documents that no version holds yet (see ``charnn.data.segments``); its tasks run on ``runner``
+    (``charnn.data.runners``: without one, each stage on ``default_runner``'s)."""
+    if runner is not None:
+        request = dataclasses.replace(request, stage=dataclasses.replace(request.stage, runner=runner))
     started = time.perf_counter()
     alphabet_size(request.alphabet)
     if request.workers <= 0 or request.rows % request.workers:
@@ -291,15 +309,15 @@ def build_dataset(request: DatasetRequest) -> str:
         laid_out = previous and previous.sources(request.store)
     documents = catalogue(request, laid_out)
     catalogued = time.perf_counter()
-    url, added = write_dataset(request, documents, previous, laid_out)
+    manifest, added = write_dataset(request, documents, previous, laid_out)
     if added is not None:
         _summarise(documents, added, catalogued - started, time.perf_counter() - catalogued)
-    return url
+    return manifest
 
 
 def write_dataset(request: DatasetRequest, documents: pa.Table, previous: Manifest | None = None,
-                  laid_out: pa.Table | None = None) -> tuple[str, "Added | None"]:
-    """The newest version for the catalogued ``documents``: its URL and what this build added
+                  laid_out: pa.Table | None = None) -> tuple[Manifest, "Added | None"]:
+    """The newest version for the catalogued ``documents``: its manifest and what this build added
     (None if ``previous``, the newest version so far, whose sources are ``laid_out``, holds them
     already)."""
     directory = dataset_directory(request)
@@ -309,7 +327,7 @@ def write_dataset(request: DatasetRequest, documents: pa.Table, previous: Manife
     layouts = _lay_out(free, request, previous and previous.splits["val"].rows)
     if previous and not layouts and not growth.dropped:
         log.info("dataset %s holds every listed document (%d wait for more text)", previous.url, free.num_rows)
-        return previous.url, None
+        return previous, None
     placed = pc.is_in(free.column("split"),
                       pa.array([*layouts, "both"] if len(layouts) == 2 else list(layouts), pa.string()))
     segment = free.filter(placed)
@@ -322,6 +340,8 @@ def write_dataset(request: DatasetRequest, documents: pa.Table, previous: Manife
         new_id = segment_id(request, val_rows, segment)
         written = load_segment(directory, new_id, store) if layouts else None  # a build that died after it
 
+    made = []  # the version's manifest, once commit has written it
+
     def commit(splits: dict[str, Split]) -> None:
         if splits:
             record = written or SegmentRecord(new_id, segment.num_rows, splits, content_digest(segment))
@@ -329,15 +349,16 @@ def write_dataset(request: DatasetRequest, documents: pa.Table, previous: Manife
             write_segment(directory, record, _sources_table(segment), store)
             records.append(record)
         added.splits.update(splits)
-        _write_version(request, directory, number, records, {"train": request.rows, "val": val_rows}, added.waiting)
+        made.append(_write_version(request, directory, number, records, {"train": request.rows, "val": val_rows},
+                                   added.waiting))
 
     if not layouts or written:
         with dataset_root_access(directory, "write the dataset"):
             commit(written.splits if written else {})
-        return version_url(directory, number), added
+        return made[0], added
     streams = {split: stream_of(segment, split, request) for split in ("train", "val")}
     _write_shards(request, streams, layouts, join(directory, SEGMENTS, new_id), commit)
-    return version_url(directory, number), added
+    return made[0], added
 
 
 @dataclass
@@ -363,7 +384,7 @@ def _sources_table(documents: pa.Table) -> pa.Table:
 
 
 def _write_version(request: DatasetRequest, directory: str, number: int, records: list[SegmentRecord],
-                   rows: dict[str, int], waiting: int) -> None:
+                   rows: dict[str, int], waiting: int) -> Manifest:
     manifest = Manifest(request.alphabet, alphabet_size(request.alphabet), request.seq_len, request.workers,
                         SPLIT_RULE, request.val_fraction, sum(r.documents for r in records),
                         flatten(records, rows, request.seq_len), url=version_url(directory, number),
@@ -375,15 +396,14 @@ def _write_version(request: DatasetRequest, directory: str, number: int, records
     manifest = dataclasses.replace(manifest, stream=stream_digest(manifest, None))
     if not write_version(manifest, request.store):
         raise PipelineError(f"{manifest.url} was written by another build meanwhile; run the job again")
+    return manifest
 
 
 def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: dict[str, Layout],
                   url: str, commit) -> None:
-    """Every shard of the laid-out splits under ``url``, written by Ray Data's write of ``ShardSink``;
-    ``commit(splits)`` runs once all are whole (a split not laid out has no rows there)."""
-    import ray.data
-    from ray.util.debug import log_once
-
+    """Every shard of the laid-out splits under ``url``, written by the stage's runner (Ray Data's
+    write of ``ShardSink``, or this process); ``commit(splits)`` runs once all are whole (a split
+    not laid out has no rows there)."""
     splits, plans = {}, []
     for split in ("train", "val"):
         layout = layouts.get(split)
@@ -393,20 +413,17 @@ def _write_shards(request: DatasetRequest, streams: dict[str, Stream], layouts: 
         shards = plan_shards(layout, request.workers, request.shard_mb * 2**20)
         splits[split] = Split(layout.rows, layout.row_length, layout.steps, streams[split].tokens,
                               tuple(_shard(plan, split) for plan in shards))
-        plans += [dataclasses.asdict(ShardPlanRow(join(url, plan.name(split)), split, plan.rows.start, plan.rows.stop,
-                                                  plan.steps.start, plan.steps.stop, layout.seq_len, layout.row_length))
+        plans += [ShardPlanRow(join(url, plan.name(split)), split, plan.rows.start, plan.rows.stop,
+                               plan.steps.start, plan.steps.stop, layout.seq_len, layout.row_length)
                   for plan in shards]
 
     def committed(errors: list[str]) -> None:
         _raise_first_error(errors, f"writing shards under {url} failed")
         commit(splits)
 
-    # Ray Data warns, once per process, that "the Dataset job will hang" when Ray reports no free
-    # CPU as a write ends, which it does just after the write's own tasks: a false alarm here
-    log_once("cpu_warning")
+    runner = stage_runner(request.stage, sum(stream.tokens for stream in streams.values()))
     with _stage(f"writing shards under {url}"):
-        unreserved(ray.data.from_items(plans, override_num_blocks=len(plans))).write_datasink(
-            ShardSink(streams, request.store, committed), concurrency=request.stage.concurrency)
+        runner.write_shards(plans, streams, request.store, committed, request.stage)
 
 
 def _shard(plan: ShardPlan, split: str) -> Shard:

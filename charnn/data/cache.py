@@ -37,13 +37,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from charnn.errors import CharnnError, UserError
-from charnn.data import s3
+from charnn.storage import s3
 from charnn.data.alphabet import StreamEncoder, encode_bytes
 from charnn.data.sources import store_version, url_keys
-from charnn.storage import (StorageError, Store, basename, describe_error, is_local, join, open_atomic, protocol,
-                            redact, redact_urls, s3_refusal)
+from charnn.storage import (StorageError, Store, describe_error, is_local, join, protocol, redact, redact_urls,
+                            s3_refusal)
+from charnn.storage.run import CACHE_VERSION, document_cache_url  # noqa: F401 - CACHE_VERSION: retention's
 
-CACHE_VERSION = "v2"
 CHUNK = 4 * 2**20  # bytes read at a time; documents up to this size are read whole
 READ_AHEAD = 64, 32 * 2**20  # small remote documents fetched together by an encode task: count, bytes
 BOMB_RATIO, BOMB_FLOOR = 100, 64 * 2**20  # a .gz may expand this much (text: 3-5x)
@@ -65,7 +65,7 @@ class DocumentError(UserError):
 
 
 def cache_url(root: str, alphabet: str) -> str:
-    return join(root, "documents", CACHE_VERSION, alphabet)
+    return document_cache_url(root, alphabet)
 
 
 @contextlib.contextmanager
@@ -86,12 +86,10 @@ def load_index(root: str, alphabet: str, store: Store = Store()) -> pa.Table:
     """Every cached document with a trustworthy version, one row per (url_key, size, version)."""
     url = join(cache_url(root, alphabet), "index")
     with dataset_root_access(url, "read the document cache's index"):
-        fs, path = store.fs(url)
-        fs.invalidate_cache()
-        files = [p for p in (fs.ls(path, detail=False) if fs.exists(path) else []) if p.endswith(".parquet")]
+        files = [join(url, name) for name in store.list(url) if name.endswith(".parquet")]
         with ThreadPoolExecutor(INDEX_READERS, thread_name_prefix="charnn-index") as pool:
-            read = list(pool.map(lambda p: _read_index_file(fs, p), files))
-    _warn_damaged([(join(url, basename(p)), r) for p, r in zip(files, read) if isinstance(r, Exception)])
+            read = list(pool.map(lambda file: _read_index_file(store, file), files))
+    _warn_damaged([(file, r) for file, r in zip(files, read) if isinstance(r, Exception)])
     tables = [r for r in read if isinstance(r, pa.Table)]
     if not tables:
         return INDEX.empty_table()
@@ -102,10 +100,10 @@ def load_index(root: str, alphabet: str, store: Store = Store()) -> pa.Table:
     ).rename_columns([*FOUND_BY, "url", *FIGURES]).select(INDEX.names)
 
 
-def _read_index_file(fs, path: str) -> pa.Table | Exception | None:
+def _read_index_file(store: Store, url: str) -> pa.Table | Exception | None:
     """One index file (``INDEX``), the exception that shows it damaged, or None if it is gone."""
     try:
-        data = fs.cat_file(path)
+        data = store.read(url)
     except FileNotFoundError:  # removed since the listing: its documents are simply not cached
         return None
     try:
@@ -338,15 +336,13 @@ def encode_group(group: pa.Table, root: str, alphabet: str, store: Store = Store
     blob = uuid.uuid4().hex
     base = cache_url(root, alphabet)
     with dataset_root_access(base, "write the document cache"):
-        cache_fs, blob_path = store.fs(join(base, "blobs", f"{blob}.u8"))
-        with open_atomic(cache_fs, blob_path) as file:  # synced before the index that names its codes
+        with store.open_atomic(join(base, "blobs", f"{blob}.u8")) as file:  # synced before the index that names its codes
             rows = _encode_into(_Counted(file), group, alphabet, blob, store)
     result = pa.Table.from_pylist(rows, schema=RESULT)
     good = index_rows(result.filter(pc.is_null(result.column("error"))).drop_columns(["error"]))
     if good.num_rows:
         with dataset_root_access(base, "write the document cache"):
-            index_fs, index_path = store.fs(join(base, "index", f"{blob}.parquet"))
-            with open_atomic(index_fs, index_path) as f:
+            with store.open_atomic(join(base, "index", f"{blob}.parquet")) as f:
                 pq.write_table(good, f)
     # what the driver needs, in the group's order; the blob's id goes back once, not per document
     figures = result.select([*FIGURES, "error"])

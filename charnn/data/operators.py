@@ -12,7 +12,7 @@ any other error of a task (an unreachable ``data.dataset_root``) ends the stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,17 +23,23 @@ from ray.data.datasource import Datasink, Datasource, ReadTask
 from charnn.data.cache import encode_group
 from charnn.data.dataset import DatasetError, Manifest, Split, load_manifest, shard_table, write_shard_file
 from charnn.data.stream import BlobReader, Stream
-from charnn.storage import Store, describe_error, open_atomic
+from charnn.storage import Store, describe_error
+
+if TYPE_CHECKING:
+    from charnn.data.runners import TaskRunner  # which imports this module
 
 FIGURE_BYTES = 96  # an encoded document's row of figures, about
 
 
 @dataclass(frozen=True)
 class StageOptions:
-    """How the pipeline's operators run: at most ``concurrency`` (``data.max_concurrency``; None
-    lets Ray Data decide from the cluster's free CPUs) tasks at once, of one CPU each."""
+    """How the pipeline's operators run: where (``runner``, a ``charnn.data.runners.TaskRunner``;
+    None: as ``runners.default_runner`` chooses, stage by stage) and, as Ray Data tasks, at most
+    ``concurrency`` (``data.max_concurrency``; None lets Ray Data decide from the cluster's free
+    CPUs) at once, of one CPU each."""
 
     concurrency: int | None = None
+    runner: TaskRunner | None = None
 
 
 def read(source, stage: StageOptions):
@@ -88,14 +94,26 @@ class EncodeSource(Datasource):
             first += group.num_rows
         return tasks
 
+    def blocks_in_process(self) -> Iterator[pa.Table]:
+        """The read tasks' blocks, each group encoded in turn in this process (``runners.InProcess``)."""
+        first = 0
+        for group in self.groups:
+            yield encode_block(group, first, self.root, self.alphabet, self.store)
+            first += group.num_rows
+
+
+def encode_block(group: pa.Table, first: int, root: str, alphabet: str, store: Store) -> pa.Table:
+    """A read task's work: the group encoded into one cache blob, and its figures, each with its
+    document's ``position`` in the listing (``first`` is the group's first)."""
+    figures = encode_group(group, root, alphabet, store)
+    return figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
+
 
 def _encode_task(group_ref, first: int, root: str, alphabet: str, store: Store):
     def encode_documents() -> Iterable[pa.Table]:
         import ray
 
-        group = ray.get(group_ref)
-        figures = encode_group(group, root, alphabet, store)
-        yield figures.append_column("position", pa.array(np.arange(first, first + group.num_rows), pa.int64()))
+        yield encode_block(ray.get(group_ref), first, root, alphabet, store)
 
     return encode_documents
 
@@ -164,8 +182,7 @@ def write_shard(plan: ShardPlanRow, streams: dict[str, Stream], store: Store) ->
         tokens = np.empty((len(rows), (plan.step_stop - plan.step_first) * T + 1), np.uint8)
         for i, r in enumerate(rows):
             reader.read_into(tokens[i], r * L + plan.step_first * T)
-        fs, path = store.fs(plan.url)
-        with open_atomic(fs, path) as f:  # synced: the manifest will vouch for it
+        with store.open_atomic(plan.url) as f:  # synced: the manifest will vouch for it
             write_shard_file(f, shard_table(rows, plan.step_first * T, tokens))
         return ""
     except Exception as exc:  # noqa: BLE001 - any backend error is reported by the driver
@@ -202,8 +219,7 @@ class ShardSource(Datasource):
 
 def _shard_task(url: str, worker: int, start: int, store: Store):
     def read_shard() -> Iterable[pa.Table]:
-        fs, path = store.fs(url)
-        with fs.open(path, "rb") as f:
+        with store.open(url) as f:
             table = pa.ipc.open_file(f).read_all()
         # a segment's shard counts its start from the segment's: the version's row counts from its own
         table = table.set_column(1, "start", pa.array(np.full(table.num_rows, start, np.int64)))

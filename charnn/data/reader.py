@@ -45,8 +45,7 @@ class SplitReader:
 
     def _load(self, shard: Shard, held: range) -> np.ndarray:
         """The rows of ``shard`` (which holds ``held``) that this rank owns: [rows, steps*T + 1]."""
-        fs, path = self.store.fs(self.manifest.shard_url(shard))
-        with fs.open(path, "rb") as f:
+        with self.store.open(self.manifest.shard_url(shard)) as f:
             table = pa.ipc.open_file(f).read_all()
         rows = table.column("row").to_numpy()
         if not np.array_equal(rows, np.arange(held.start, held.stop)):

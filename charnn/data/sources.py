@@ -23,24 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from charnn.data import s3
 from charnn.data.corpora import corpus_path
-from charnn.storage import StorageError, Store, describe_error, is_local, protocol, url_key
+from charnn.storage import GLOB_CHARS, StorageError, Store, describe_error, url_key
 
-GLOB_CHARS = "*?["
 SPLIT_RULE = "sha256(key) < val_fraction; else the smallest hash; one document: its tail"
 LISTED = pa.schema([("url", pa.string()), ("key", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 LISTING = LISTED.append(pa.field("url_key", pa.string()))
 CHUNK_ROWS = 65_536  # rows held as Python objects before they become Arrow columns
 
 log = logging.getLogger("charnn.pipeline")
-
-
-def _full_url(fs, path: str) -> str:
-    scheme = protocol(fs)
-    if scheme in ("file", "local") or "://" in path:  # HTTP paths are full URLs already
-        return path
-    return f"{scheme}://{path}"
 
 
 def store_version(info: dict, protocol: str) -> str:
@@ -225,26 +216,14 @@ def _list_local(path: str, columns: _Columns, skipped: _Skipped) -> None:
         _add_local(path, posixpath.basename(path), columns, skipped)
 
 
-def _list_remote(fs, path: str, columns: _Columns) -> None:
-    scheme = protocol(fs)
+def _list_remote(store: Store, url: str, columns: _Columns) -> None:
+    scheme = url.split("://", 1)[0]
 
-    def add(p: str, info: dict) -> None:
-        key = posixpath.relpath(p, root)
-        if info.get("type") == "file" and not any(part.startswith(".") for part in key.split("/")):
-            columns.add(_full_url(fs, p), key, int(info.get("size") or 0), store_version(info, scheme))
+    def add(full_url: str, key: str, info: dict) -> None:
+        if not any(part.startswith(".") for part in key.split("/")):
+            columns.add(full_url, key, int(info.get("size") or 0), store_version(info, scheme))
 
-    if any(c in path for c in GLOB_CHARS):
-        root = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
-        entries = fs.glob(path, detail=True).items()
-    elif fs.isdir(path):
-        root = path
-        if scheme in ("s3", "s3a"):
-            return s3.list_objects(fs, path, add)
-        entries = fs.find(path, detail=True).items()
-    else:
-        root, entries = posixpath.dirname(path), [(path, fs.info(path))] if fs.exists(path) else []
-    for p, info in entries:
-        add(p, info)
+    store.walk(url, add)
 
 
 def list_documents(sources: list[str], store: Store = Store()) -> pa.Table:
@@ -254,12 +233,11 @@ def list_documents(sources: list[str], store: Store = Store()) -> pa.Table:
         url = _expand(source)
         columns, skipped = _Columns(), _Skipped(source)
         try:
-            fs, path = store.fs(url)
-            if is_local(fs):
+            path = store.local_path(url)
+            if path is not None:
                 _list_local(path, columns, skipped)
             else:
-                fs.invalidate_cache()  # a listing cached by an earlier build would hide new files
-                _list_remote(fs, path, columns)
+                _list_remote(store, url, columns)
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from charnn.errors import UserError
-from charnn.storage import Store, is_local
+from charnn.storage import Store
 
 MAX_GAP = 1 << 20  # bytes of other documents a range read may skip over instead of splitting
 
@@ -85,7 +85,7 @@ def plan_reads(stream: Stream, begin: int, end: int, max_gap: int = MAX_GAP) -> 
 class BlobReader:
     """Range reads of blobs: memory-mapped when local, ranged GETs otherwise."""
 
-    def __init__(self, stream: Stream, store: Store = Store()):
+    def __init__(self, stream: Stream, store: Store):
         self.stream, self.store, self.maps = stream, store, {}
 
     def read(self, begin: int, end: int) -> np.ndarray:
@@ -104,9 +104,13 @@ class BlobReader:
         return out
 
     def _bytes(self, blob: int, lo: int, hi: int) -> np.ndarray:
-        fs, path = self.store.fs(self.stream.blobs[blob])
-        if not is_local(fs):
-            return np.frombuffer(fs.cat_file(path, start=lo, end=hi), np.uint8)
-        if blob not in self.maps:
-            self.maps[blob] = np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+        if blob not in self.maps:  # None: a remote blob
+            path = self.store.local_path(self.stream.blobs[blob])
+            self.maps[blob] = None if path is None else _memory_map(path)
+        if self.maps[blob] is None:
+            return np.frombuffer(self.store.read(self.stream.blobs[blob], lo, hi), np.uint8)
         return self.maps[blob][lo:hi]
+
+
+def _memory_map(path: str) -> np.ndarray:
+    return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)  # mmap refuses 0 bytes

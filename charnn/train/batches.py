@@ -7,31 +7,23 @@ says (see ``charnn.train.carry``).  A run may start reading at a later step of t
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from charnn.data.layout import LayoutError
 from charnn.data.reader import SplitReader
 from charnn.train.carry import epoch_of, next_epoch_states
-from charnn.train.step import distributed, to_batch
-
-
-def gather_last_rows(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``t`` in rank order (a collective)."""
-    if not distributed():
-        return [t]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return out
+from charnn.train.collectives import Collectives
+from charnn.train.step import to_batch
 
 
 class Batches:
-    def __init__(self, reader: SplitReader, states: torch.Tensor, epoch_state: str, device: torch.device,
+    def __init__(self, reader: SplitReader, states: torch.Tensor, epoch_state: str, group: Collectives,
                  first_step: int = 0):
-        """``first_step``: the split's step that the run's step 0 reads (``train.first_step``)."""
+        """``group``: the ranks whose rows pass their states on at an epoch start (on ``group.device``);
+        ``first_step``: the split's step that the run's step 0 reads (``train.first_step``)."""
         if not 0 <= first_step < reader.steps:
             raise LayoutError(f"train.first_step={first_step} is outside the train split's {reader.steps} steps; "
                               f"give a step below {reader.steps}")
-        self.reader, self.states, self.epoch_state, self.device = reader, states, epoch_state, device
+        self.reader, self.states, self.epoch_state, self.group = reader, states, epoch_state, group
         self.first_step, self.windows = first_step, None
 
     def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -40,10 +32,10 @@ class Batches:
         epoch, in_epoch = epoch_of(position, self.reader.steps)
         if self.windows is None or in_epoch == 0:
             if in_epoch == 0 and position > 0:
-                self.states = next_epoch_states(self.states, self.epoch_state, self.reader.rank, gather_last_rows)
+                self.states = next_epoch_states(self.states, self.epoch_state, self.reader.rank, self.group.all_gather)
             self.windows = self.reader.windows(in_epoch)
         got, window = next(self.windows)
         if got != in_epoch:
             raise RuntimeError(f"rank {self.reader.rank} read the window of step {got}, not {in_epoch}")
-        x, y = to_batch(window, self.device)
+        x, y = to_batch(window, self.group.device)
         return x, y, epoch

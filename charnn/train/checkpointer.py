@@ -11,10 +11,10 @@ driver frozen past its lease while another job took over) never write into it.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import torch
-import torch.distributed as dist
 
 from charnn import checkpoint as ckpt
 from charnn.errors import Busy
@@ -23,9 +23,9 @@ from charnn.model import ModelShape
 from charnn.storage import StorageError, Store, basename
 from charnn.train.context import WorkerContext
 from charnn.train.faults import inject
-from charnn.train.metrics import say
+from charnn.log import say
 from charnn.train.state import TrainState
-from charnn.train.step import Parts, distributed
+from charnn.train.step import Parts
 
 
 class RunBusy(Busy):
@@ -56,15 +56,18 @@ class Checkpointer:
         if url is None:
             return None
         with self.store.local_dir(url) as directory:
-            payload = ckpt.load_model_file(directory)
-            ckpt.check_compatible(payload, *shape)
-            _load_into(parts, directory, payload, self.context.rank)
+            meta, weights = ckpt.load_model_file(directory)
+            ckpt.check_compatible(meta, *shape)
+            if meta.state is None:
+                raise ckpt.CheckpointError(f"{url} records no step: not a checkpoint of a run; use another one")
+            _load_into(parts, directory, weights, self.context.rank)
             states = ckpt.load_row_states(directory, rows).to(self.context.device)
-        return TrainState.from_payload(payload), states
+        return meta.state, states
 
-    def save(self, state: TrainState, parts: Parts, carried: tuple[range, torch.Tensor], meta: dict) -> None:
-        """Save the rows ``carried`` holds (and, on rank 0, the model) and report them with the
-        state's figures; ``meta`` is what else ``model.pt`` records."""
+    def save(self, state: TrainState, parts: Parts, carried: tuple[range, torch.Tensor],
+             meta: ckpt.CheckpointMeta, final: dict | None = None) -> None:
+        """Save the rows ``carried`` holds (and, on rank 0, the model, recorded as ``meta`` says with
+        ``state``) and report them with the state's figures (and, at the run's end, its ``final`` words)."""
         rank, world = self.context.rank, self.context.world
         self._refuse_if_taken_over()
         with tempfile.TemporaryDirectory(prefix="charnn-ckpt-") as directory:
@@ -72,10 +75,11 @@ class Checkpointer:
             if rank == 0:
                 model = getattr(parts.model, "module", parts.model)  # DDP holds the model itself
                 ckpt.save_model_files(directory, model, parts.optimizer, parts.scheduler,
-                                      {**meta, **state.payload(), "attempt": self.attempt})
+                                      dataclasses.replace(meta, state=state, attempt=self.attempt))
             ckpt.save_checksums(directory, rank, world)
             inject("kill-in-checkpoint", state.step, rank)
-            self.context.report(state.metrics, directory, ckpt.checkpoint_name(state.step, self.attempt))
+            self.context.report(state.figures.to_metrics() | (final or {}), directory,
+                                ckpt.checkpoint_name(state.step, self.attempt))
 
     def _refuse_if_taken_over(self) -> None:
         """Stop, on every rank, if another job has taken this run over since this job's driver took its
@@ -86,8 +90,7 @@ class Checkpointer:
         if self.context.rank == 0:
             numbers = RunDirectory(self.run_url, self.store).lease_numbers()
             newest[0] = numbers[-1] if numbers else None
-        if distributed():
-            dist.broadcast_object_list(newest, src=0)
+        newest = self.context.broadcast(newest)
         if newest[0] is not None and newest[0] > self.lease:
             raise RunBusy(f"another job took run {self.run_url} over (lease {newest[0]}; this job holds {self.lease}); "
                           f"this one stops without saving")
@@ -108,8 +111,7 @@ class Checkpointer:
                 self._say_if_not_registered(choice[0])
             except (ckpt.CheckpointError, StorageError) as exc:
                 choice[2] = exc
-        if distributed():
-            dist.broadcast_object_list(choice, src=0)
+        choice = self.context.broadcast(choice)
         if choice[2] is not None:
             raise choice[2]
         self.attempt = choice[1]
@@ -126,8 +128,8 @@ class Checkpointer:
             say(f"charnn: warning: checkpoint {theirs} {why}; resuming from {name}")
 
 
-def _load_into(parts: Parts, directory: str, payload: dict, rank: int) -> None:
-    getattr(parts.model, "module", parts.model).load_state_dict(payload["model"])
+def _load_into(parts: Parts, directory: str, weights: dict, rank: int) -> None:
+    getattr(parts.model, "module", parts.model).load_state_dict(weights)
     saved = ckpt.load_optimizer_file(directory)
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scheduler.load_state_dict(saved["scheduler"])

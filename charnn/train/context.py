@@ -1,22 +1,28 @@
-"""Where a Trainer runs: on one of Ray Train's workers, or alone in this process.
+"""Where a Trainer runs: on one of Ray Train's workers, or in this process.
 
 The Trainer asks its context for its rank, the world size and its device, for the checkpoint
-that the framework registered, and to report figures and checkpoints; nothing else in the
-training loop knows about Ray.  ``LocalContext`` runs the very same loop in one process with no
-Ray at all: the benchmarks, the profiler, a GPU check, and tests of the loop itself.
+that the framework registered, to report figures and checkpoints, and for the collectives
+(``charnn.train.collectives``); nothing else in the training loop knows about Ray or
+torch.distributed.  ``LocalContext`` runs the very same loop in one process with no Ray at all:
+the benchmarks, the profiler, a GPU check, and tests of the loop itself, as one rank or as W
+simulated ranks (``LocalContext.simulated``, ``run_ranks``).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol, TypeVar
 
 import torch
 
 from charnn.storage import Store, basename, join
+from charnn.train.collectives import (Collectives, ProcessGroup, SimulatedCollectives, SimulatedDDP, SimulatedRanks,
+                                      TorchCollectives)
+
+T = TypeVar("T")
 
 
-class WorkerContext(Protocol):
+class WorkerContext(Collectives, Protocol):
     rank: int
     world: int
     device: torch.device
@@ -32,8 +38,9 @@ class WorkerContext(Protocol):
         """The model as the step should call it (DDP across workers)."""
 
 
-class RayContext:
-    """A Ray Train worker: ``ray.train``'s context, ``report`` and DDP."""
+class RayContext(TorchCollectives):
+    """A Ray Train worker: ``ray.train``'s context, ``report``, DDP, and the collectives over the
+    torch.distributed group that Ray Train's TorchTrainer sets up."""
 
     def __init__(self):
         import ray.train
@@ -63,9 +70,10 @@ class RayContext:
 
 @dataclass
 class LocalContext:
-    """No Ray: one process, or one rank of a torch.distributed group that its caller set up; a
-    checkpoint is copied into the run directory, as Ray Train would upload it (every rank's files
-    into one directory), and the reports are kept in ``reports``."""
+    """No Ray: one process, or one rank of a torch.distributed group that its caller set up, or one
+    of W simulated ranks (``ranks``) in this process; a checkpoint is copied into the run
+    directory, as Ray Train would upload it (every rank's files into one directory), and the
+    reports are kept in ``reports``."""
 
     run_url: str
     store: Store = field(default_factory=Store)
@@ -73,6 +81,16 @@ class LocalContext:
     rank: int = 0
     world: int = 1
     reports: list = field(default_factory=list)
+    ranks: SimulatedRanks | None = None
+
+    def __post_init__(self):
+        self.collectives = SimulatedCollectives(self.ranks, self.rank) if self.ranks else ProcessGroup(self.device)
+
+    @classmethod
+    def simulated(cls, run_url: str, world: int, store: Store | None = None) -> list[LocalContext]:
+        """The contexts of W simulated ranks of one group (on the CPU), for ``run_ranks``."""
+        ranks = SimulatedRanks(world)
+        return [cls(run_url, store or Store(), rank=rank, world=world, ranks=ranks) for rank in range(world)]
 
     def registered_checkpoint(self) -> str | None:
         return None
@@ -85,7 +103,28 @@ class LocalContext:
                     self.store.write(join(self.run_url, name, file), f.read())
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP when this process is one rank of a torch.distributed group (tests of W ranks without Ray)."""
+        """DDP when this process is one rank of a torch.distributed group, its simulation when it is
+        one of simulated ranks (tests of W ranks without Ray)."""
         import torch.distributed as dist
 
+        if self.ranks:
+            return SimulatedDDP(model, self.collectives)
         return torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+
+    def all_sum(self, values: list[float] | torch.Tensor) -> list[float]:
+        return self.collectives.all_sum(values)
+
+    def all_max(self, values: list[float] | torch.Tensor) -> list[float]:
+        return self.collectives.all_max(values)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return self.collectives.all_gather(tensor)
+
+    def broadcast(self, objects: list) -> list:
+        return self.collectives.broadcast(objects)
+
+
+def run_ranks(contexts: list[LocalContext], work: Callable[[LocalContext], T]) -> list[T]:
+    """``work(context)`` on each of the simulated ranks ``LocalContext.simulated`` gave, together:
+    their results in rank order, or the first rank's error."""
+    return contexts[0].ranks.run(lambda rank: work(contexts[rank]))

@@ -14,24 +14,71 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from charnn.storage import Store, basename, is_local, join
+from charnn.log import say
+from charnn.storage import Store, basename, join
+from charnn.train.figures import TrainFigures, ValFigures, tokens_per_s
 from charnn.train.state import OpenInterval
-from charnn.train.step import all_sum, distributed
+from charnn.train.collectives import Collectives
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def say(message: str) -> None:
-    """Rank 0's progress line, written past Ray Train's print patch (which would echo it twice)."""
-    print(message, file=sys.__stdout__, flush=True)
+@dataclass(frozen=True)
+class Point:
+    """One line of ``metrics.jsonl``: a progress line's figures (split "train") or a validation's
+    ("val") at ``step``.  The keys are those the file has always had, in its order; a figure a point
+    lacks is None and not written, and keys this code does not know are kept as found (``extra``)."""
+
+    split: str
+    step: int
+    loss: float | None = None
+    accuracy: float | None = None
+    bpc: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    grad_norm: float | None = None
+    epoch: int | None = None
+    train_seconds: float | None = None  # the training clock's, when the point was logged
+    workers: int | None = None
+    time: float | None = None  # POSIX time it was logged
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of_train(cls, step: int, figures: TrainFigures, epoch: int, train_seconds: float, workers: int) -> "Point":
+        return cls("train", step, figures.loss, figures.accuracy, figures.bpc, figures.lr, figures.tokens_per_s,
+                   figures.grad_norm, epoch, train_seconds, workers, time.time())
+
+    @classmethod
+    def of_val(cls, step: int, figures: ValFigures, train_seconds: float) -> "Point":
+        return cls("val", step, figures.loss, figures.accuracy, figures.bpc, train_seconds=train_seconds,
+                   time=time.time())
+
+    def scalars(self) -> dict[str, float]:
+        """Its figures by name, as TensorBoard's ``<split>/<name>`` scalars."""
+        names = [f.name for f in fields(self) if f.name not in ("split", "step", "time", "extra")]
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {k: v for k, v in values.items() if v is not None} | self.extra
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Point | None":
+        """The point of a parsed line; None for what cannot be one (no integer step, no known split)."""
+        if not isinstance(raw, dict) or raw.get("split") not in ("train", "val"):
+            return None
+        if not isinstance(raw.get("step"), int):
+            return None
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in raw.items() if k in known},
+                   extra={k: v for k, v in raw.items() if k not in known})
 
 
 @dataclass
@@ -73,10 +120,10 @@ class Interval:
         self.count += y.numel()
         self.steps += 1
 
-    def carried(self, device) -> OpenInterval:
+    def carried(self, group: Collectives) -> OpenInterval:
         """The interval so far, summed over every rank (a collective: every rank calls it, at
         checkpoint steps), for the checkpoint."""
-        loss, correct, count = all_sum([float(self.loss), float(self.correct), self.count], device)
+        loss, correct, count = group.all_sum([float(self.loss), float(self.correct), self.count])
         return OpenInterval(loss, correct, int(count), self.steps, self.clock.seconds() - self.since)
 
     def resume(self, carried: OpenInterval | None, rank: int) -> None:
@@ -88,13 +135,13 @@ class Interval:
             self.loss, self.correct, self.count = carried.loss, carried.correct, carried.count
         self.steps, self.since = carried.steps, self.clock.seconds() - carried.seconds
 
-    def close(self, device) -> dict:
+    def close(self, group: Collectives) -> dict:
         """Mean loss and accuracy over all workers, and this interval's speed; starts a new interval."""
         seconds, steps = self.clock.seconds() - self.since, self.steps
-        loss, correct, count = all_sum([float(self.loss) / steps, float(self.correct), self.count], device)
-        world = dist.get_world_size() if distributed() else 1
+        loss, correct, count = group.all_sum([float(self.loss) / steps, float(self.correct), self.count])
+        world = group.world
         self.__init__(self.clock)
-        return {"loss": loss / world, "accuracy": correct / count, "tokens_per_s": count / seconds,
+        return {"loss": loss / world, "accuracy": correct / count, "tokens_per_s": tokens_per_s(count, seconds),
                 "seconds_per_step": seconds / steps}
 
 
@@ -105,32 +152,35 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_url, self.store = run_url, store
-        self.fs, path = store.fs(run_url)
-        self.remote = None if is_local(self.fs) else path
-        self.local = path if self.remote is None else tempfile.mkdtemp(prefix="charnn-run-")
+        local = store.local_path(run_url)
+        self.remote = None if local is not None else run_url  # a cloud run.storage: staged here, copied up
+        self.local = local if local is not None else tempfile.mkdtemp(prefix="charnn-run-")
         # purge_step drops events a crashed attempt wrote after the checkpoint we resume from (the
         # checkpoint step's own were logged before it was saved)
         self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.points = _points_until(store, join(run_url, METRICS_FILE), start_step)
-        self.history = history or {"train": [], "val": []}
+        # the plot's losses are the points kept: one record of them, cut back to the resumed step once
+        self.history = history if history is not None else {}
+        for split in ("train", "val"):
+            self.history[split] = [[p.step, p.loss] for p in self.points if p.split == split and p.loss is not None]
 
-    def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(f"{split}/{name}", value, step)
-        self.points.append({"split": split, "step": step, **values, "time": time.time()})
-        if "loss" in values:
-            self.history[split].append([step, values["loss"]])
+    def log(self, point: Point) -> None:
+        for name, value in point.scalars().items():
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{point.split}/{name}", value, point.step)
+        self.points.append(point)
+        if point.loss is not None:
+            self.history[point.split].append([point.step, point.loss])
 
     def sample(self, step: int, text: str) -> None:
         self.writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # a code block keeps layout
 
     def flush(self) -> None:
         self.writer.flush()
-        self.store.write(join(self.run_url, METRICS_FILE), "".join(json.dumps(p) + "\n" for p in self.points).encode(),
-                         durable=False)
+        lines = "".join(json.dumps(p.to_dict()) + "\n" for p in self.points)
+        self.store.write(join(self.run_url, METRICS_FILE), lines.encode(), durable=False)
         if self.remote is not None:
-            self.fs.put(os.path.join(self.local, "tensorboard") + "/", self.remote + "/tensorboard", recursive=True)
+            self.store.put(os.path.join(self.local, "tensorboard"), join(self.remote, "tensorboard"))
 
     def close(self) -> None:
         self.flush()
@@ -138,25 +188,25 @@ class RunLog:
         self.store.write(join(self.run_url, "loss.png"), plot_losses(self.history, basename(self.run_url)))
 
 
-def _points_until(store: Store, url: str, step: int) -> list[dict]:
+def _points_until(store: Store, url: str, step: int) -> list[Point]:
     """The points an earlier attempt logged up to ``step`` (later ones it logged before it died
     are logged again)."""
     if not step or not store.exists(url):
         return []
-    return [p for p in _parse_points(store.read(url), url) if p["step"] <= step]
+    return [p for p in _parse_points(store.read(url), url) if p.step <= step]
 
 
-def _parse_points(data: bytes, url: str) -> list[dict]:
+def _parse_points(data: bytes, url: str) -> list[Point]:
     """The whole points of a metrics.jsonl.  It is written without fsync (it is rewritten at every
     report), so a crash can leave it cut short or holding blocks never written: such lines are
     skipped, with one warning, rather than stop the run from resuming."""
     points, unreadable = [], 0
     for line in data.decode(errors="replace").splitlines():
         try:
-            point = json.loads(line)
+            point = Point.from_dict(json.loads(line))
         except ValueError:
             point = None
-        if isinstance(point, dict) and isinstance(point.get("step"), int) and point.get("split") in ("train", "val"):
+        if point is not None:
             points.append(point)
         elif line.strip():
             unreadable += 1
@@ -166,11 +216,11 @@ def _parse_points(data: bytes, url: str) -> list[dict]:
     return points
 
 
-def read_points(store: Store, run_url: str) -> dict[str, list[dict]]:
+def read_points(store: Store, run_url: str) -> dict[str, list[Point]]:
     """A run's logged points by split ("train", "val"), in step order."""
     url = join(run_url, METRICS_FILE)
     points = _parse_points(store.read(url), url)
-    return {split: [p for p in points if p["split"] == split] for split in ("train", "val")}
+    return {split: [p for p in points if p.split == split] for split in ("train", "val")}
 
 
 def plot_losses(history: dict, title: str) -> bytes:
@@ -204,28 +254,24 @@ class MetricsLogger:
     def should_log(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
 
-    def log_train(self, step: int, epoch: int, optimizer_figures: dict, device) -> dict:
+    def log_train(self, step: int, epoch: int, optimizer_figures: dict, group: Collectives) -> TrainFigures:
         """Close the interval (a collective): its figures with the learning rate and gradient norm."""
-        figures = {**self.interval.close(device), **optimizer_figures}
+        figures = TrainFigures(**self.interval.close(group), **optimizer_figures)
         if self.run_log is not None:
-            eta = (self.total - step) * figures["seconds_per_step"] if self.total else 0.0
-            say(f"charnn: step {step}/{self.total or '-'} epoch {epoch} loss {figures['loss']:.4f} "
-                f"acc {figures['accuracy']:.3f} {figures['tokens_per_s']:,.0f} tok/s lr {figures['lr']:.2e} "
-                f"grad {figures['grad_norm']:.2f} train {self.clock.seconds():.0f}s eta {eta:.0f}s "
+            eta = (self.total - step) * figures.seconds_per_step if self.total else 0.0
+            say(f"charnn: step {step}/{self.total or '-'} epoch {epoch} loss {figures.loss:.4f} "
+                f"acc {figures.accuracy:.3f} {figures.tokens_per_s:,.0f} tok/s lr {figures.lr:.2e} "
+                f"grad {figures.grad_norm:.2f} train {self.clock.seconds():.0f}s eta {eta:.0f}s "
                 f"workers {self.workers}")
-            self.run_log.scalars("train", step, {
-                "loss": figures["loss"], "accuracy": figures["accuracy"], "bpc": figures["loss"] / math.log(2),
-                "lr": figures["lr"], "tokens_per_s": figures["tokens_per_s"], "grad_norm": figures["grad_norm"],
-                "epoch": epoch, "train_seconds": self.clock.seconds(), "workers": self.workers})
+            self.run_log.log(Point.of_train(step, figures, epoch, self.clock.seconds(), self.workers))
         return figures
 
-    def log_val(self, step: int, metrics: dict) -> None:
+    def log_val(self, step: int, figures: ValFigures, train_seconds: float) -> None:
         if self.run_log is None:
             return
-        say(f"charnn: step {step} val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.3f} "
-            f"val_bpc {metrics['val_bpc']:.3f} train {metrics['train_seconds']:.0f}s")
-        self.run_log.scalars("val", step, {"loss": metrics["val_loss"], "accuracy": metrics["val_accuracy"],
-                                           "bpc": metrics["val_bpc"], "train_seconds": metrics["train_seconds"]})
+        say(f"charnn: step {step} val_loss {figures.loss:.4f} val_acc {figures.accuracy:.3f} "
+            f"val_bpc {figures.bpc:.3f} train {train_seconds:.0f}s")
+        self.run_log.log(Point.of_val(step, figures, train_seconds))
 
     def flush(self) -> None:
         if self.run_log is not None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from charnn.train.step import all_max
+from charnn.train.collectives import Collectives
 
 
 def decay(progress: float, schedule: str, min_ratio: float) -> float:
@@ -41,10 +41,10 @@ class TimeBudget:
     def spent(self) -> bool:
         return self.agreed >= self.seconds
 
-    def agree(self, clock_seconds: float, device) -> bool:
+    def agree(self, clock_seconds: float, group: Collectives) -> bool:
         """Agree on the clock with every rank (a collective, for log steps): the latest of theirs
         becomes everyone's.  Whether the budget is spent."""
-        self.agreed = all_max([clock_seconds], device)[0]
+        self.agreed = group.all_max([clock_seconds])[0]
         return self.spent()
 
 

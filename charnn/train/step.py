@@ -9,37 +9,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
 from charnn.data.reader import SplitReader
 from charnn.errors import UserError
 from charnn.model import CharGRU
+from charnn.train.collectives import Collectives
+from charnn.train.figures import ValFigures
 
 
 class TrainingDiverged(UserError):
     """A run whose loss or weights are no longer finite numbers: it stops before it saves or
     reports them (a checkpoint of NaN weights would be resumed, published and sampled from)."""
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_max(values: list[float], device) -> list[float]:
-    """The largest of every rank's ``values``, element by element (a collective)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def diverged(what: str, step: int) -> TrainingDiverged:
@@ -55,16 +37,14 @@ def check_figures(figures: dict[str, float | None], step: int) -> None:
             raise diverged(f"{what} is {value}", step)
 
 
-def check_weights_and_loss(model: torch.nn.Module, running_loss: torch.Tensor | float, step: int, device) -> None:
-    """Raise TrainingDiverged, on every rank at this step, if any rank's weights or the train loss
-    it has summed since its last progress line are not finite.  One all-reduce and one host sync:
-    for steps that sync anyway (log, sample, validation and checkpoint steps)."""
+def check_weights_and_loss(model: torch.nn.Module, running_loss: torch.Tensor | float, step: int,
+                           group: Collectives) -> None:
+    """Raise TrainingDiverged, on every rank of ``group`` at this step, if any rank's weights or the
+    train loss it has summed since its last progress line are not finite.  One all-reduce and one
+    host sync: for steps that sync anyway (log, sample, validation and checkpoint steps)."""
     weights = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-    loss = torch.isfinite(torch.as_tensor(running_loss, device=device)).all()
-    bad = torch.stack([~weights, ~loss]).to(torch.float64)
-    if distributed():
-        dist.all_reduce(bad)
-    weights_bad, loss_bad = bad.tolist()
+    loss = torch.isfinite(torch.as_tensor(running_loss, device=group.device)).all()
+    weights_bad, loss_bad = group.all_sum(torch.stack([~weights, ~loss]))  # on the device: one host sync
     if weights_bad:
         raise diverged("the weights are not finite (NaN or inf)", step)
     if loss_bad:
@@ -121,8 +101,9 @@ def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, states: torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
-    """Loss, accuracy and bits per character over every validation row of every worker."""
+def evaluate(model: CharGRU, reader: SplitReader, group: Collectives) -> ValFigures:
+    """Loss and accuracy (hence bits per character) over every validation row of every rank of ``group``."""
+    device = group.device
     was_training = model.training
     model.eval()
     h = model.zero_state(len(reader.rows), device)
@@ -136,6 +117,5 @@ def evaluate(model: CharGRU, reader: SplitReader, device) -> dict:
         correct = correct + (logits.argmax(-1) == y).sum()
         count += y.numel()
     model.train(was_training)
-    loss_sum, correct, count = all_sum([float(loss_sum), float(correct), count], device)
-    loss = loss_sum / count
-    return {"val_loss": loss, "val_accuracy": correct / count, "val_bpc": loss / math.log(2)}
+    loss_sum, correct, count = group.all_sum([float(loss_sum), float(correct), count])
+    return ValFigures(loss_sum / count, correct / count)

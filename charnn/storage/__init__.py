@@ -4,25 +4,31 @@ A Store turns a URL (a local path, s3://, gs://, any fsspec URL) into a filesyst
 or for pyarrow where Ray Train wants one; it carries the S3 endpoint override (MinIO, moto)
 and how patiently S3 requests are retried.  Credentials never live here: they come from the
 environment, as boto expects.  Below the Store: the writes the rest of charnn relies on
-(atomic, exclusive, compare-and-swap), and the masking of credentials in what it prints.
+(atomic, exclusive, compare-and-swap).  Beside it: ``run`` (``RunStorage``, a run's named
+paths) and ``s3`` (what s3fs's public API lacks).  Credentials are masked by ``charnn.redact``.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
-import re
+import posixpath
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import fsspec.asyn
 
 from charnn.errors import Busy, UserError
+from charnn.storage import s3
+from charnn.redact import redact, redact_urls  # noqa: F401 - the names callers import from here
+
+GLOB_CHARS = "*?["  # a URL holding any of these is a pattern
 
 # Attempts per S3 request when the spec says nothing: standard mode backs off exponentially
 # (up to 20 s), so an endpoint that is away for tens of seconds costs a pause, not the run.
@@ -50,7 +56,9 @@ class Store:
         return cls(config.endpoint_url, config.region, config.anon, config.max_attempts or S3_ATTEMPTS)
 
     def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """(filesystem, path) for ``url``; ``~`` is expanded for local paths."""
+        """(filesystem, path) for ``url``; ``~`` is expanded for local paths.  For pyarrow and Ray,
+        which take a filesystem, and for this package's backend-specific code: every other use
+        has a method below, so that nothing outside ``charnn.storage`` depends on fsspec."""
         if "://" not in url:
             url = os.path.abspath(os.path.expanduser(url))
         return fsspec.core.url_to_fs(url, **self._fsspec_options(url))
@@ -107,12 +115,116 @@ class Store:
 
     def names(self, url: str, directories: bool = False) -> list[str]:
         """The names in the directory ``url`` (its subdirectories', with ``directories``), sorted."""
+        return self.list(url, dirs=directories)
+
+    def list(self, url: str, dirs: bool | None = False, detail: bool = False) -> list:
+        """The files in the directory ``url`` (``dirs``: its subdirectories; None: both), sorted by
+        name: their names, or with ``detail`` their records (``name``: the path, ``type``, ``size``).
+        Listed afresh, never from fsspec's cache: another job may have written since.  A directory
+        that does not exist holds nothing."""
         fs, path = self.fs(url)
         fs.invalidate_cache(path)
         if not fs.exists(path):
             return []
-        entries = fs.ls(path, detail=True)
-        return sorted(basename(e["name"]) for e in entries if (e["type"] == "directory") == directories)
+        entries = sorted(fs.ls(path, detail=True), key=lambda e: basename(e["name"]))
+        entries = [e for e in entries if dirs is None or (e["type"] == "directory") == dirs]
+        return entries if detail else [basename(e["name"]) for e in entries]
+
+    def find(self, url: str, dirs: bool = False) -> dict[str, dict]:
+        """Every file under ``url`` (``dirs``: and directory), afresh: {path: record}; none under
+        a directory that does not exist."""
+        fs, path = self.fs(url)
+        fs.invalidate_cache()
+        return fs.find(path, withdirs=dirs, detail=True)
+
+    def walk(self, url: str, add: Callable[[str, str, dict], None]) -> None:
+        """``add(url, key, record)`` for every file of an object store that ``url`` names: the
+        objects under a prefix (on S3 a page of 1,000 at a time), those a glob matches, or one
+        object; ``key`` is its path below the listing's root.  Listed afresh: a listing cached by
+        an earlier build would hide new files."""
+        fs, path = self.fs(url)
+        fs.invalidate_cache()
+        scheme = protocol(fs)
+
+        def found(p: str, info: dict) -> None:
+            if info.get("type") == "file":
+                add(p if scheme in ("file", "local") or "://" in p else f"{scheme}://{p}",  # HTTP: full URLs
+                    posixpath.relpath(p, root), info)
+
+        if any(c in path for c in GLOB_CHARS):
+            root = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+            entries = fs.glob(path, detail=True).items()
+        elif fs.isdir(path):
+            root = path
+            if is_s3(fs):
+                return s3.list_objects(fs, path, found)
+            entries = fs.find(path, detail=True).items()
+        else:
+            root, entries = posixpath.dirname(path), [(path, fs.info(path))] if fs.exists(path) else []
+        for p, info in entries:
+            found(p, info)
+
+    def local_path(self, url: str) -> str | None:
+        """Where ``url`` is on this machine's disk (to memory-map it), or None in an object store."""
+        fs, path = self.fs(url)
+        return path if is_local(fs) else None
+
+    def path(self, url: str) -> str:
+        """``url`` as its filesystem names it (no scheme; local: absolute): what two URLs compare by."""
+        return self.fs(url)[1]
+
+    def open(self, url: str, mode: str = "rb", **options: Any) -> Any:
+        """A file object on ``url``, for streamed reads (``options``: fsspec's, e.g. ``block_size``).
+        Writes that readers must see whole go through ``write`` or ``open_atomic``."""
+        fs, path = self.fs(url)
+        return fs.open(path, mode, **options)
+
+    def read_json(self, url: str) -> Any:
+        return json.loads(self.read(url))
+
+    def info(self, url: str, fresh: bool = False) -> dict:
+        """The store's record of ``url`` (``size``, ``type``, and its version: ETag, mtime...);
+        ``fresh``: asked of the store, not fsspec's cache."""
+        fs, path = self.fs(url)
+        if fresh:
+            fs.invalidate_cache(path)
+        return fs.info(path)
+
+    def size(self, url: str) -> int:
+        fs, path = self.fs(url)
+        return fs.size(path)
+
+    def remove(self, urls: str | list[str], recursive: bool = False) -> None:
+        """Delete ``urls`` (one URL, or several of one store in as few requests as it allows)."""
+        urls = [urls] if isinstance(urls, str) else urls
+        if urls:
+            fs = self.fs(urls[0])[0]
+            fs.rm([self.path(u) for u in urls], recursive=recursive)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (of the same store): a rename on a disk, a copy then a delete on S3."""
+        fs, path = self.fs(src)
+        fs.mv(path, self.path(dst))
+
+    def put(self, local_dir: str, url: str) -> None:
+        """Copy the local directory ``local_dir`` to the directory ``url``, file for file, into what is there."""
+        fs, path = self.fs(url)
+        fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
+
+    def create(self, url: str, data: bytes, lock: str | None = None) -> str | None:
+        """``data`` at ``url`` only if nothing is there yet: see ``create_exclusive``."""
+        fs, path = self.fs(url)
+        return create_exclusive(fs, path, data, lock)
+
+    def read_tagged(self, url: str) -> tuple[bytes, str, float | None]:
+        """(content, tag, modification time) of ``url``, from one read: see ``read_tagged``."""
+        fs, path = self.fs(url)
+        return read_tagged(fs, path)
+
+    def replace_if_match(self, url: str, data: bytes, tag: str | None, lock: str | None = None) -> str | None:
+        """``data`` at ``url`` only if it is still the version ``tag``: see ``replace_if_match``."""
+        fs, path = self.fs(url)
+        return replace_if_match(fs, path, data, tag, lock)
 
     @contextlib.contextmanager
     def local_dir(self, url: str) -> Iterator[str]:
@@ -224,85 +336,6 @@ def sync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# What ``redact`` masks.  Conservative on purpose: a log line may lose some information, but
-# never a secret.  A URL's userinfo is everything between "://" and the "@" before the host, even
-# where the password holds "@", "/", "?" or "#" unencoded (which no URL parser reads as a
-# password, but which users type and error messages echo).  Email addresses and "@" in a path
-# (npm scopes, pkg@1.0) are left alone.  The names of query parameters, environment variables and
-# config keys that hold secrets mask their values (name=VALUE, name: VALUE, "name": "VALUE").
-_URL_TAIL = re.compile(r"(?<=://)(?:(?!://)[^\s\"<>])+")  # after "://", up to a blank, a quote or the next URL
-_AUTHORITY_END = re.compile(r"[/?#]")
-# Names whose value is a secret in "name: VALUE" (config lines, headers, JSON) ...
-_COLON_NAMES = (r"access[_-]?token|refresh[_-]?token|session[_-]?token|security-token|token|client[_-]?secret"
-                r"|secret[_-]?access[_-]?key|secret|password|passwd|passphrase|api[_-]?key|apikey|private[_-]?key|jwt")
-# ... and in "name=VALUE" (query strings, environment, command lines), where a few more are clear;
-# a bare "key=" only as a query parameter (?key=, &key=): elsewhere it is any key.
-_EQUALS_NAMES = _COLON_NAMES + r"|id[_-]?token|pwd|credentials?|signature|sig|auth"
-
-
-def _named_value(names: str, separator: str) -> "re.Pattern[str]":
-    # The name alone or as the end of a longer one (AWS_SECRET_ACCESS_KEY, X-Amz-Signature), quoted
-    # or not.  Lookbehinds, not a matched prefix: a prefix pattern backtracks quadratically on long words.
-    return re.compile(rf"(?i)(?:(?<=[_.-])|(?<![A-Za-z0-9]))((?:{names})[\"']?\s*{separator}\s*[\"']?)"
-                      r"[^&\s'\"]+")
-
-
-_SECRETS = (
-    (_named_value(_EQUALS_NAMES, "="), r"\1***"),
-    (_named_value(_COLON_NAMES, ":"), r"\1***"),
-    (re.compile(r"(?i)([?&;]key=)[^&\s'\"]+"), r"\1***"),
-    # HTTP authorization: "Authorization: [scheme] VALUE"; "bearer VALUE" where VALUE looks like a token
-    (re.compile(r"(?i)\b(authorization[\"']?\s*[:=]\s*[\"']?(?:(?:basic|bearer|digest|token|negotiate)\s+)?)"
-                r"[^\s'\",]+"), r"\1***"),
-    (re.compile(r"(?i)\b(bearer\s+)(?=[A-Za-z._~+/-]*[0-9]|[A-Za-z0-9._~+/-]{20})[A-Za-z0-9._~+/-]+=*"), r"\1***"),
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "AKIA***"),  # AWS access key ids
-    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "AIza***"),  # Google API keys
-    (re.compile(r"\b(gh[pousr]_|github_pat_|hf_)[A-Za-z0-9_]{20,}"), r"\1***"),  # GitHub and Hugging Face tokens
-    (re.compile(r"(?i)\b((?:set-)?cookie[\"']?\s*:\s*)[^\r\n\"']+"), r"\1***"),  # a Cookie header: every value
-)
-# Every text that ``redact`` changes matches this (an Arrow/RE2 regex): ``redact_urls`` skips the
-# arrays that do not.  tests/test_secrets.py checks the two agree.
-_MAY_HOLD_SECRETS = r"(?i)@|token|secret|passw|passphrase|pwd|key|credential|sig|auth|bearer|akia|asia|aiza|jwt|cookie|gh[pousr]_|github_pat_|hf_"
-
-
-def _mask_userinfo(match: "re.Match[str]") -> str:
-    rest = match.group()
-    if "@" not in rest:
-        return rest
-    end = _AUTHORITY_END.search(rest)
-    authority = rest[:end.start()] if end else rest
-    if "@" in authority:  # user:password@host, the password possibly holding "@"
-        return "***" + rest[authority.rindex("@"):]
-    if ":" not in authority:  # host/path@...: an "@" in the path
-        return rest
-    # user:pa/ss@host: a password with "/", "?" or "#" ends the authority early; the host follows
-    # the last "@" before the first "/", "?" or "#" after the first "@".
-    first = rest.index("@")
-    end = _AUTHORITY_END.search(rest, first)
-    return "***" + rest[rest.rindex("@", 0, end.start() if end else len(rest)):]
-
-
-def redact(text: str) -> str:
-    """``text`` with credentials that URLs and keys can carry masked, for logs, errors and records."""
-    text = _URL_TAIL.sub(_mask_userinfo, text)
-    for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def redact_urls(urls):
-    """An Arrow array of URLs with credentials masked; only the few that could hold any go
-    through ``redact``, a chunk at a time."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if len(urls) == 0 or not pc.any(pc.match_substring_regex(urls, _MAY_HOLD_SECRETS)).as_py():
-        return urls
-    step = 65_536
-    return pa.chunked_array([pa.array([redact(u) for u in urls.slice(i, step).to_pylist()], pa.string())
-                             for i in range(0, len(urls), step)], pa.string())
 
 
 def describe_error(url: str, exc: BaseException) -> str:
@@ -533,3 +566,6 @@ def _replace_local(path: str, data: bytes, tag: str | None) -> str | None:
     with _local_atomic(path) as f:
         f.write(data)
     return _content_tag(data)
+
+
+from charnn.storage.run import RunStorage  # noqa: E402, F401 - it builds on the Store above

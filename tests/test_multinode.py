@@ -161,7 +161,8 @@ def test_a_lost_node_without_a_spare_shrinks_the_group_and_the_run_is_the_same(r
     logs, result = elastic
     assert "charnn: 1 worker trains elastic from step 10 (was 2)" in logs, logs[-3000:]
     # the lost worker's error and Ray Train's retries are their last lines, not tracebacks
-    assert "Traceback" not in logs and "Connection closed by peer" in logs, logs[-5000:]
+    assert "Traceback" not in logs, logs[max(0, logs.find("Traceback") - 1500):][:5000]
+    assert "Connection closed by peer" in logs, logs[-5000:]
     assert [count for _, count in result["workers"]][:2] == [2, 1], result["workers"]
     per_step = workers_by_step(root, "elastic")
     assert {per_step[step] for step in range(1, 11)} == {2} and {per_step[step] for step in range(11, 21)} == {1}

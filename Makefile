@@ -29,11 +29,13 @@ demo: $(INSTALLED)
 
 # Two pytest workers, a test file each at a time (a file's fixtures and order stay whole): the
 # Ray tests wait on Ray's start-up and polling much of the time, so two of them share 2 cores
-# in less time than one after the other (18m49s against 24m46s here).  TEST_WORKERS=0 runs
+# in less time than one after the other (18m49s against 24m46s here).  The files go out in
+# tests/conftest.py's order, the longest first (--no-loadscope-reorder).  TEST_WORKERS=0 runs
 # them in this process.
 TEST_WORKERS ?= 2
+DIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(INSTALLED)
-	$(LOOPBACK) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(LOOPBACK) $(PY) -m pytest -q $(DIST) --durations=15 tests
 
 # The fast loop: ruff (pyproject.toml's rules) and every test that needs no Ray (`-m "not ray"`:
 # tests/conftest.py marks each test that uses a Ray fixture), under a minute on 2 cores.  `make
@@ -41,7 +43,7 @@ test: $(INSTALLED)
 # spin, and two workers' spinning threads on 2 cores made the Trainer's tests 4 times as slow here.
 check: $(INSTALLED)
 	$(VENV)/bin/ruff check --no-cache .
-	$(LOOPBACK) OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not ray" \
+	$(LOOPBACK) OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(DIST) -m "not ray" \
 		--durations=5 tests
 
 # The Shakespeare dataset laid out for 1 worker x 256 rows, for bench/gpu.sh on a lent GPU

@@ -13,7 +13,8 @@ are made once under ``--workdir`` (a few minutes, the first time) and reused.  E
 runs in a fresh subprocess, so that its peak RSS is its own, with every byte on loopback
 (loopback.env); the plain-task engine's in its worktree, as its working directory too (Ray
 workers import ``charnn`` from the driver's).
-Printed, each with its target:
+Printed, each with its target (figures (a) to (e) run every stage on Ray Data, however small:
+``data.in_process_mb=0``):
 
 (a) ``--mb`` (40 MB) as 20, 20,000 and 200,000 documents: the whole ``jobs/tokenize_corpus.py`` job
     (Ray start-up included, as a user runs it) and the build alone (Ray up), for Ray Data and for
@@ -32,7 +33,8 @@ Printed, each with its target:
     100,000, each built once into an empty dataset root, then grown by +1% of its documents,
     then +10%, then one document, rebuilt after each step into the same root.  Every build is
     ``build_dataset`` alone (Ray up, not ``jobs/tokenize_corpus.py``: Ray's start-up is the same
-    few seconds for any build and is no part of what a rebuild saves) in a fresh subprocess.
+    few seconds for any build and is no part of what a rebuild saves) in a fresh subprocess, as
+    a job runs it: a stage of under ``data.in_process_mb`` (64 MiB) of input in its own process.
     The new documents are new files of the same size, numbered on from the old ones, in new
     directories that sort after the old ones (a corpus appended to).  Printed per step: the
     rebuild's seconds against the first build's (target <= 0.10 at +1% of 1 GB), the share of
@@ -138,11 +140,16 @@ def warm(corpus: str) -> str:
     return corpus
 
 
-def request(corpus: str, root: str):
+def request(corpus: str, root: str, ray_data: bool = False):
+    """The build's request; ``ray_data``: every stage on Ray Data's tasks, however small its input
+    (``data.in_process_mb=0``; the plain-task engine has no such setting: it always ran on Ray)."""
     from charnn.data.build import DatasetRequest
 
-    return DatasetRequest(sources=[corpus], alphabet="gorner98", seq_len=SEQ_LEN, rows=ROWS, workers=WORKERS,
-                          val_fraction=0.1, shard_mb=64, dataset_root=root)
+    wanted = DatasetRequest(sources=[corpus], alphabet="gorner98", seq_len=SEQ_LEN, rows=ROWS, workers=WORKERS,
+                            val_fraction=0.1, shard_mb=64, dataset_root=root)
+    if ray_data and hasattr(getattr(wanted, "stage", None), "in_process_bytes"):
+        wanted = dataclasses.replace(wanted, stage=dataclasses.replace(wanted.stage, in_process_bytes=0))
+    return wanted
 
 
 def baseline(corpus: str, root: str) -> dict:
@@ -239,9 +246,9 @@ def pipeline(corpus: str, root: str, watch: bool = False) -> dict:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     watcher = StoreWatcher() if watch else None
     started = time.perf_counter()
-    documents = catalogue(request(corpus, root))
+    documents = catalogue(request(corpus, root, ray_data=True))
     catalogued = time.perf_counter()
-    write_dataset(request(corpus, root), documents)
+    write_dataset(request(corpus, root, ray_data=True), documents)
     written = time.perf_counter()
     result = {"seconds": written - started, "catalogue": catalogued - started, "write": written - catalogued,
               **(watcher.stop() if watcher else {})}
@@ -322,7 +329,8 @@ def tokenize_job(corpus: str, work: str, engine: str = ROOT) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "jobs/tokenize_corpus.py", "--spec", "jobs/specs/shakespeare.yaml",
                     "--set", f"data.sources=[{corpus}]", "--set", f"data.dataset_root={root}",
-                    "--set", f"cluster.num_workers={WORKERS}", "--set", f"train.batch_per_worker={ROWS // WORKERS}"],
+                    "--set", f"cluster.num_workers={WORKERS}", "--set", f"train.batch_per_worker={ROWS // WORKERS}",
+                    *(["--set", "data.in_process_mb=0"] if engine == ROOT else [])],
                    check=True, capture_output=True, env=engine_env(engine), cwd=engine)
     return time.perf_counter() - started
 

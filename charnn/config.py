@@ -91,6 +91,9 @@ class DataConfig:
     """The size of a row shard file, in MiB, about."""
     max_concurrency: Optional[StrictInt] = Field(None, gt=0)
     """Ray Data tasks at once; null: the free CPUs."""
+    in_process_mb: StrictInt = Field(64, ge=0)
+    """A pipeline stage whose input is under this many MiB runs in the job's own process, not as Ray Data
+    tasks (they take seconds to start); 0: always Ray Data tasks.  The dataset is the same either way."""
 
 
 @dataclass(config=_SECTION)

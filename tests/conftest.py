@@ -113,14 +113,31 @@ def two_workers(smoke_root, ray_cluster) -> dict:
 SLOW_TIER_FIXTURES = {"ray_local", "ray_cluster", "two_workers", "moto_s3"}
 
 
+# The files of minutes each, longest first (seconds in a `make test` of 2026-12-05, 2 cores).  They
+# run first: pytest-xdist hands files to its workers in collection order (with
+# --no-loadscope-reorder; by default it orders them by their count of tests, and these have few),
+# so the quick files fill in beside them, where one of them started last leaves the other worker
+# idle for minutes.
+LONG_FILES = ("test_faults.py",  # 429
+              "test_retrain.py",  # 237
+              "test_multinode.py",  # 231
+              "test_train_e2e.py",  # 174
+              "test_resume.py",  # 143
+              "test_train_resume.py",  # 111
+              "test_pipeline_ray_data.py",  # 102
+              "test_elastic_rows.py")  # 87
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that uses a Ray or server fixture, itself or through another fixture, is in the slow
     tier (the ``ray`` marker), whether or not its module says so: ``-m "not ray"`` (``make check``)
     leaves it out.  (A fixture that asks for one by ``request.getfixturevalue`` marks its own
-    parameter.)"""
+    parameter.)  ``LONG_FILES`` go first, each file's tests in their own order."""
     for item in items:
         if SLOW_TIER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    first = {name: rank for rank, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 FAULT_REPORT: list[dict] = []

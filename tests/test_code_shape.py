@@ -50,3 +50,10 @@ def test_data_and_training_never_import_the_command_line():
                     [a.name for a in node.names] if isinstance(node, ast.Import) else []
                 upward += [f"{path.name}: {n}" for n in names if n.startswith(("charnn.cli", "jobs"))]
     assert not upward
+
+
+def test_the_files_that_run_first_are_test_files_here():
+    from conftest import LONG_FILES
+
+    assert len(set(LONG_FILES)) == len(LONG_FILES)
+    assert [name for name in LONG_FILES if not (REPO / "tests" / name).is_file()] == []

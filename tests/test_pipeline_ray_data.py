@@ -29,6 +29,7 @@ from charnn.spec_loader import SpecError, load_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.cache import cache_url
 from charnn.data.dataset import DatasetError, load_manifest
+from charnn.data.runners import RayTasks
 from charnn.storage import Store
 
 pytestmark = pytest.mark.ray
@@ -177,7 +178,7 @@ def test_an_encode_worker_killed_mid_build_is_retried_and_the_dataset_is_the_und
     corpus = large_corpus(tmp_path / "corpus")
     started = time.time()
     with EncodeKiller(blobs_of(tmp_path / "killed" / "datasets")) as killer:  # request()'s dataset_root
-        killed_url = build_dataset(request(tmp_path / "killed", [corpus], shard_mb=8)).url
+        killed_url = build_dataset(request(tmp_path / "killed", [corpus], shard_mb=8), runner=RayTasks()).url
     ended = time.time()
     assert killer.killed is not None, "no encode task was seen writing its blob: nothing was killed"
     pid, blob, at = killer.killed
@@ -232,7 +233,8 @@ def test_the_dashboards_data_view_shows_the_builds_operators_finished(ray_cluste
     submission = f"charnn-data-view-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run(ray_cluster.job_command(
         submission, "tokenize_corpus.py", "--spec", "jobs/specs/smoke.yaml", "--set",
-        f"data.sources=[{tmp_path / 'corpus'}]", "--set", f"data.dataset_root={tmp_path / 'datasets'}"),
+        f"data.sources=[{tmp_path / 'corpus'}]", "--set", f"data.dataset_root={tmp_path / 'datasets'}",
+        "--set", "data.in_process_mb=0"),
         env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     logs = ray_cluster.logs(submission)
     assert proc.returncode == 0, logs[-3000:] + proc.stderr[-3000:]
@@ -267,7 +269,7 @@ def test_data_max_concurrency_is_the_cap_ray_data_puts_on_both_stages(ray_local,
     the cap (as Ray Data's concurrency-cap policy logs it when an execution starts)."""
     write_corpus(tmp_path / "corpus", documents=8, lines=120)
     overrides = [f"data.sources=[{tmp_path / 'corpus'}]", f"data.dataset_root={tmp_path / 'datasets'}",
-                 *([f"data.max_concurrency={limit}"] * bool(limit))]
+                 "data.in_process_mb=0", *([f"data.max_concurrency={limit}"] * bool(limit))]
     wanted = DatasetRequest.from_spec(load_spec(SMOKE, overrides))
     with caplog.at_level(logging.DEBUG, logger="ray.data"):
         build_dataset(wanted)

@@ -1,5 +1,6 @@
-"""Where the pipeline's tasks run (``charnn.data.runners``): in this process for a small input when
-Ray is not up, on Ray Data when it is; and a dataset built in this process is the one Ray builds."""
+"""Where the pipeline's tasks run (``charnn.data.runners``): in this process for a stage of a small
+input (``data.in_process_mb``), on Ray Data for a larger one; and a dataset built in this process is
+the one Ray builds."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +9,12 @@ import pytest
 
 from charnn.data.build import DatasetRequest, build_dataset, encode_documents
 from charnn.data.dataset import load_manifest
-from charnn.data.runners import IN_PROCESS_BYTES, InProcess, RayTasks, default_runner
+from charnn.data.operators import StageOptions
+from charnn.data.runners import InProcess, RayTasks, default_runner, stage_runner
 from charnn.data.sources import list_documents
+from charnn.spec_loader import load_spec
 from charnn.storage import StorageError, Store
+from support.env import REPO
 from support.jobs import write_corpus
 from support.servers import free_port
 from test_pipeline import verify_rows
@@ -22,10 +26,18 @@ def request(tmp_path, sources, **overrides) -> DatasetRequest:
     return DatasetRequest(**{**fields, **overrides})
 
 
-def test_ray_runs_the_tasks_where_it_is_up_and_this_process_runs_a_small_stage_where_it_is_not():
-    assert isinstance(default_runner(True, 10), RayTasks)
-    assert isinstance(default_runner(False, IN_PROCESS_BYTES), InProcess)
-    assert isinstance(default_runner(False, IN_PROCESS_BYTES + 1), RayTasks)
+def test_this_process_runs_a_stage_under_the_limit_and_ray_a_larger_one():
+    assert isinstance(default_runner(2**20 - 1, 2**20), InProcess)
+    assert isinstance(default_runner(2**20, 2**20), RayTasks)
+    assert isinstance(default_runner(1, 0), RayTasks)  # data.in_process_mb=0: always Ray's tasks
+    assert isinstance(stage_runner(StageOptions(runner=InProcess(), in_process_bytes=0), 10**12), InProcess)
+
+
+@pytest.mark.parametrize("overrides, limit", [([], 64 * 2**20), (["data.in_process_mb=2"], 2 * 2**20),
+                                               (["data.in_process_mb=0"], 0)], ids=["default", "2", "0"])
+def test_data_in_process_mb_is_the_input_a_build_stage_runs_in_this_process_under(tmp_path, overrides, limit):
+    spec = load_spec(str(REPO / "jobs" / "specs" / "smoke.yaml"), [f"data.sources=[{tmp_path}]", *overrides])
+    assert DatasetRequest.from_spec(spec).stage.in_process_bytes == limit
 
 
 def test_a_dataset_built_without_ray_holds_the_split_streams_laid_out(tmp_path, corpus):

@@ -77,7 +77,7 @@ class DatasetRequest:
     # URL of a Parquet table (url_key, split): documents it lists keep that split, even if rewritten
     # since (a published version's sources table: a retrain never validates on text it trained on)
     keep_splits: str | None = None
-    stage: StageOptions = StageOptions()  # how the Ray Data operators run; not the dataset's content
+    stage: StageOptions = StageOptions()  # where and how the pipeline's tasks run; not the dataset's content
 
     @classmethod
     def from_spec(cls, spec) -> "DatasetRequest":
@@ -87,7 +87,8 @@ class DatasetRequest:
         return cls(
             sources=list(spec.data.sources), rows=spec.cluster.num_workers * spec.train.batch_per_worker,
             workers=spec.cluster.num_workers, **settings, dataset_root=spec.data.dataset_root,
-            store=Store.of(spec.storage), stage=StageOptions(spec.data.max_concurrency),
+            store=Store.of(spec.storage), stage=StageOptions(spec.data.max_concurrency,
+                                                         in_process_bytes=spec.data.in_process_mb * 2**20),
         )
 
 
@@ -296,7 +297,7 @@ def _lay_out(free: pa.Table, request: DatasetRequest, val_rows: int | None) -> d
 def build_dataset(request: DatasetRequest, runner: TaskRunner | None = None) -> Manifest:
     """The newest version of the dataset for ``request`` (its manifest), with a new segment for the
     documents that no version holds yet (see ``charnn.data.segments``); its tasks run on ``runner``
-    (``charnn.data.runners``: without one, each stage on ``default_runner``'s)."""
+    (``charnn.data.runners``: without one, each stage on ``default_runner``'s for its input)."""
     if runner is not None:
         request = dataclasses.replace(request, stage=dataclasses.replace(request.stage, runner=runner))
     started = time.perf_counter()

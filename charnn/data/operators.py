@@ -34,12 +34,14 @@ FIGURE_BYTES = 96  # an encoded document's row of figures, about
 @dataclass(frozen=True)
 class StageOptions:
     """How the pipeline's operators run: where (``runner``, a ``charnn.data.runners.TaskRunner``;
-    None: as ``runners.default_runner`` chooses, stage by stage) and, as Ray Data tasks, at most
-    ``concurrency`` (``data.max_concurrency``; None lets Ray Data decide from the cluster's free
-    CPUs) at once, of one CPU each."""
+    None: as ``runners.default_runner`` chooses for a stage's input and ``in_process_bytes``,
+    ``data.in_process_mb``) and, as Ray Data tasks, at most ``concurrency``
+    (``data.max_concurrency``; None lets Ray Data decide from the cluster's free CPUs) at once, of
+    one CPU each."""
 
     concurrency: int | None = None
     runner: TaskRunner | None = None
+    in_process_bytes: int = 64 * 2**20
 
 
 def read(source, stage: StageOptions):

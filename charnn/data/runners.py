@@ -1,12 +1,13 @@
 """Where the pipeline's tasks run: as Ray Data tasks on the cluster (``RayTasks``), or one after
 another in this process (``InProcess``).  Both run the same task functions (``operators.encode_block``
 and ``operators.write_shard``) on the same plans, so a dataset is the same, byte for byte, either
-way; what ``RayTasks`` adds is the cluster's CPUs, Ray Data's retries of a lost worker, and Ray's
-start-up (seconds: more than a small corpus takes to encode).
+way; what ``RayTasks`` adds is the cluster's CPUs, Ray Data's retries of a lost worker, and Ray
+Data's start-up (seconds: more than a small corpus takes to encode).
 
 ``build_dataset(request, runner=...)`` takes one; without one, each stage takes
-``default_runner``'s: Ray's tasks where Ray is up (the command-line jobs start it), this process
-for a stage of a small input where it is not (tests, notebooks, a first look at a corpus).
+``default_runner``'s: this process for a stage of a small input (``data.in_process_mb``: a first
+look at a corpus, a growth of a few files, the tests), Ray's tasks for a larger one, on the
+cluster the job runs on (a local Ray where there is none).
 """
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ import pyarrow as pa
 from charnn.data.operators import EncodeSource, ShardPlanRow, ShardSink, StageOptions, read, unreserved, write_shard
 from charnn.data.stream import Stream
 from charnn.storage import Store
-
-IN_PROCESS_BYTES = 64 * 2**20  # a stage's input that this process handles in a few seconds, about
 
 
 class TaskRunner(Protocol):
@@ -75,17 +74,12 @@ class InProcess:
         commit([write_shard(plan, streams, store) for plan in plans])
 
 
-def default_runner(ray_running: bool, input_bytes: int) -> TaskRunner:
-    """Ray's tasks where Ray is up (a cluster's CPUs, and the Ray tests test them); else this
-    process for a stage's input of up to ``IN_PROCESS_BYTES`` (a local Ray would take longer to
-    start than the stage to run), and a local Ray for a larger one."""
-    return RayTasks() if ray_running or input_bytes > IN_PROCESS_BYTES else InProcess()
+def default_runner(input_bytes: int, in_process_bytes: int) -> TaskRunner:
+    """This process for a stage's input under ``in_process_bytes`` (Ray Data would take longer to
+    start than the stage to run), Ray's tasks for a larger one (a local Ray where none is up)."""
+    return InProcess() if input_bytes < in_process_bytes else RayTasks()
 
 
 def stage_runner(stage: StageOptions, input_bytes: int) -> TaskRunner:
     """The runner of a stage of ``input_bytes``: the request's, else ``default_runner``'s."""
-    if stage.runner is not None:
-        return stage.runner
-    import ray
-
-    return default_runner(ray.is_initialized(), input_bytes)
+    return stage.runner or default_runner(input_bytes, stage.in_process_bytes)

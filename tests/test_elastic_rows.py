@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from charnn.spec_loader import load_spec
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.layout import loss_weight, worker_rows
 from charnn.storage import Store
@@ -19,17 +18,9 @@ from charnn.train.context import LocalContext
 from charnn.train.metrics import read_points
 from charnn.train.trainer import Trainer
 from support.jobs import write_corpus
+from support.ranks import REFERENCE, final_weights, same_run, smoke
 
-pytestmark = pytest.mark.ray  # the dataset is built by Ray tasks; the training is not
-STEPS = 30  # 24 steps an epoch: the runs cross an epoch boundary, where states move on one row
-
-
-def smoke(root, name: str, *overrides: str):
-    return load_spec("jobs/specs/smoke.yaml", [
-        f"data.sources=[{root / 'corpus'}]", f"data.dataset_root={root / 'datasets'}",
-        f"run.storage={root / 'runs'}", f"run.name={name}", "cluster.num_workers=2",
-        "train.batch_per_worker=4", "train.log_every=1", "train.validate_every=0", "model.dropout=0.0",
-        f"train.steps={STEPS}", *overrides])
+pytestmark = pytest.mark.ray  # the slow tier: each group is processes of its own (no Ray)
 
 
 def rank_main(rank: int, world: int, root, url: str, name: str, overrides: tuple) -> None:
@@ -52,13 +43,8 @@ def train(root, url: str, name: str, world: int, *overrides: str) -> dict[int, f
     return {p.step: p.loss for p in read_points(Store(), str(root / "runs" / name))["train"]}
 
 
-def final_weights(root, name: str) -> dict:
-    newest = sorted((root / "runs" / name).glob("checkpoint_*"))[-1]
-    return torch.load(newest / "model.pt", weights_only=True)
-
-
 @pytest.fixture(scope="module")
-def dataset(ray_local, tmp_path_factory):
+def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     write_corpus(root / "corpus", documents=6, lines=14, seed=5)
     return root, build_dataset(DatasetRequest.from_spec(smoke(root, "any"))).url
@@ -68,19 +54,7 @@ def dataset(ray_local, tmp_path_factory):
 def laid_out(dataset):
     """The run on the 2 workers the dataset was laid out for: the reference."""
     root, url = dataset
-    return train(root, url, "two", 2)
-
-
-def same_run(root, name: str, losses: dict[int, float], reference: dict[int, float]) -> None:
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in reference.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5), step
-    ours, theirs = final_weights(root, name), final_weights(root, "two")
-    assert ours["metrics"]["val_loss"] == pytest.approx(theirs["metrics"]["val_loss"], rel=1e-5)
-    # Adam turns the float noise of a near-zero gradient (its summation order depends on the split)
-    # into a step of up to lr: a few of the 9,408 weights differ by ~1e-4 after 30 steps
-    for key, tensor in theirs["model"].items():
-        torch.testing.assert_close(ours["model"][key], tensor, rtol=0, atol=1e-3)
+    return train(root, url, REFERENCE, 2)
 
 
 def test_uneven_rows_differ_by_at_most_one_and_their_weights_make_the_mean_over_all_rows():

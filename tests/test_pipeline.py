@@ -1,4 +1,5 @@
-"""The Ray Data pipeline on a real local Ray, against real files."""
+"""The Ray Data pipeline on a real local Ray, against real files: every stage on Ray Data's tasks,
+however small (``data.in_process_mb=0``; tests/test_runners.py builds in this process too)."""
 import dataclasses
 import json
 
@@ -10,6 +11,7 @@ from charnn.data.alphabet import encode
 from charnn.data.build import DatasetRequest, PipelineError, build_dataset
 from charnn.data.reader import SplitReader
 from charnn.data.dataset import load_manifest
+from charnn.data.operators import StageOptions
 from charnn.storage import StorageError, Store
 
 pytestmark = pytest.mark.ray
@@ -17,7 +19,8 @@ pytestmark = pytest.mark.ray
 
 def request(tmp_path, sources, **overrides):
     fields = dict(sources=[str(s) for s in sources], alphabet="gorner98", seq_len=8, rows=4, workers=2,
-                  val_fraction=0.25, shard_mb=1, dataset_root=str(tmp_path / "datasets"))
+                  val_fraction=0.25, shard_mb=1, dataset_root=str(tmp_path / "datasets"),
+                  stage=StageOptions(in_process_bytes=0))
     return DatasetRequest(**{**fields, **overrides})
 
 
@@ -143,7 +146,8 @@ def test_a_build_killed_mid_write_leaves_no_dataset_and_a_rerun_completes(tmp_pa
     for i in range(4):
         (corpus / f"part-{i}.txt").write_bytes(block * (10_000_000 // len(block)))
     args = ["--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{corpus}]",
-            "--set", f"data.dataset_root={tmp_path / 'datasets'}", "--set", "data.shard_mb=1"]
+            "--set", f"data.dataset_root={tmp_path / 'datasets'}", "--set", "data.shard_mb=1",
+            "--set", "data.in_process_mb=0"]
     env = {**os.environ, **LOOPBACK_ENV}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tokenize_corpus.py"), *args], cwd=REPO, env=env,

@@ -11,6 +11,7 @@ from support.servers import MotoServer, free_port
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.reader import SplitReader
 from charnn.data.dataset import load_manifest
+from charnn.data.operators import StageOptions
 from charnn.storage import Store
 from charnn.storage import StorageError
 
@@ -23,7 +24,8 @@ def storage(endpoint, max_attempts=None):
 
 def request(sources, root, endpoint=None, max_attempts=None):
     return DatasetRequest(sources=sources, alphabet="gorner98", seq_len=8, rows=4, workers=2, val_fraction=0.25,
-                          shard_mb=1, dataset_root=root, store=storage(endpoint, max_attempts))
+                          shard_mb=1, dataset_root=root, store=storage(endpoint, max_attempts),
+                          stage=StageOptions(in_process_bytes=0))  # Ray Data's tasks, however small
 
 
 def all_rows(url, endpoint=None):

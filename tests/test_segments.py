@@ -26,6 +26,7 @@ from charnn.data.alphabet import encode
 from charnn.data.build import DatasetRequest, build_dataset, dataset_directory
 from charnn.data.dataset import (FORMAT, SEGMENT, SEGMENT_SHARD, SEGMENTS, SOURCES, Manifest, SegmentRecord,
                                  SegmentRef, Shard, Split, load_manifest, version_url)
+from charnn.data.operators import StageOptions
 from charnn.data.reader import SplitReader
 from charnn.data.segments import flatten, plan_growth
 from charnn.data.sources import split_hash
@@ -185,7 +186,8 @@ def test_a_versions_split_is_its_segments_splits_back_to_back(case):
 
 def request(tmp_path, corpus, **overrides) -> DatasetRequest:
     fields = dict(sources=[str(corpus)], alphabet="gorner98", seq_len=8, rows=4, workers=2, val_fraction=0.25,
-                  shard_mb=1, dataset_root=str(tmp_path / "datasets"))
+                  shard_mb=1, dataset_root=str(tmp_path / "datasets"),
+                  stage=StageOptions(in_process_bytes=0))  # Ray Data's tasks, however small
     return DatasetRequest(**{**fields, **overrides})
 
 
@@ -701,7 +703,7 @@ def test_a_rebuild_killed_at_any_point_leaves_the_older_version_whole_and_a_reru
     args = ["--spec", "jobs/specs/smoke.yaml", "--set", f"data.sources=[{corpus.directory}]",
             "--set", f"data.dataset_root={wanted.dataset_root}", "--set", "data.seq_len=8",
             "--set", "train.batch_per_worker=2", "--set", "cluster.num_workers=2",
-            "--set", "data.val_fraction=0.25", "--set", "data.shard_mb=1"]
+            "--set", "data.val_fraction=0.25", "--set", "data.shard_mb=1", "--set", "data.in_process_mb=0"]
     # the job joins this module's Ray as a driver (a job's own Ray would take far longer to start)
     address = ray_local.get_runtime_context().gcs_address
     jobs = Jobs(tmp_path, args, {**os.environ, **LOOPBACK_ENV, "RAY_ADDRESS": address})

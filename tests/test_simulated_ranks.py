@@ -13,15 +13,13 @@ import torch
 
 from charnn.data.build import DatasetRequest, build_dataset
 from charnn.data.runners import InProcess
-from charnn.spec_loader import load_spec
 from charnn.storage import Store
 from charnn.train.collectives import RankFailed, SimulatedRanks
 from charnn.train.context import LocalContext, run_ranks
 from charnn.train.metrics import read_points
 from charnn.train.trainer import Trainer
 from support.jobs import write_corpus
-
-STEPS = 30  # 24 steps an epoch: the runs cross an epoch boundary, where states move on one row
+from support.ranks import REFERENCE, final_weights, same_run, smoke
 
 
 def contexts(world: int, tmp_path) -> list[LocalContext]:
@@ -96,14 +94,6 @@ def test_simulated_ddp_leaves_every_rank_the_mean_of_their_gradients(tmp_path):
     assert all(torch.equal(g[0], torch.full((2, 3), 8.0)) and torch.equal(g[1], torch.full((2,), 4.0)) for g in grads)
 
 
-def smoke(root, name: str, *overrides: str):
-    return load_spec("jobs/specs/smoke.yaml", [
-        f"data.sources=[{root / 'corpus'}]", f"data.dataset_root={root / 'datasets'}",
-        f"run.storage={root / 'runs'}", f"run.name={name}", "cluster.num_workers=2",
-        "train.batch_per_worker=4", "train.log_every=1", "train.validate_every=0", "model.dropout=0.0",
-        f"train.steps={STEPS}", *overrides])
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """2 workers x 4 rows, built in this process."""
@@ -120,26 +110,10 @@ def train(dataset, name: str, world: int, *overrides: str) -> dict[int, float]:
     return {p.step: p.loss for p in read_points(Store(), str(root / "runs" / name))["train"]}
 
 
-def final_weights(root, name: str) -> dict:
-    newest = sorted((root / "runs" / name).glob("checkpoint_*"))[-1]
-    return torch.load(newest / "model.pt", weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def laid_out(dataset):
     """The run on the 2 ranks the dataset was laid out for: the reference."""
-    return train(dataset, "two", 2)
-
-
-def same_run(root, name: str, losses: dict[int, float], reference: dict[int, float]) -> None:
-    """tests/test_elastic_rows.py's bounds (there with real ranks)."""
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in reference.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5), step
-    ours, theirs = final_weights(root, name), final_weights(root, "two")
-    assert ours["metrics"]["val_loss"] == pytest.approx(theirs["metrics"]["val_loss"], rel=1e-5)
-    for key, tensor in theirs["model"].items():
-        torch.testing.assert_close(ours["model"][key], tensor, rtol=0, atol=1e-3)
+    return train(dataset, REFERENCE, 2)
 
 
 @pytest.mark.parametrize("world", [1, 3])

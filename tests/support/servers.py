@@ -17,10 +17,20 @@ from support.env import FAST_TRAIN_ENV, LOOPBACK_ENV, REPO
 from support.jobs import last_json
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, and not one this process was given before: the kernel hands
+    the same ephemeral port to binds in a row now and then (35 times in 1,000 here), and a
+    `ray start` given it twice (as its client server's and its metrics' port) fails."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class MotoServer:

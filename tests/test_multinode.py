@@ -85,6 +85,10 @@ def paused_node(cluster: MultiNodeCluster, marker: Path, job, seconds: float = 3
     return node
 
 
+LOSS_TOLD = re.compile(r"Connection (closed|reset) by peer|ActorDiedError|ActorUnavailableError|"
+                       r"died unexpectedly|\[FailurePolicy\] RETRY")
+
+
 def resumed_at(logs: str, name: str) -> list[int]:
     return [int(s) for s in re.findall(rf"resumed {re.escape(name)} at step (\d+)/", logs)]
 
@@ -162,7 +166,9 @@ def test_a_lost_node_without_a_spare_shrinks_the_group_and_the_run_is_the_same(r
     assert "charnn: 1 worker trains elastic from step 10 (was 2)" in logs, logs[-3000:]
     # the lost worker's error and Ray Train's retries are their last lines, not tracebacks
     assert "Traceback" not in logs, logs[max(0, logs.find("Traceback") - 1500):][:5000]
-    assert "Connection closed by peer" in logs, logs[-5000:]
+    # who tells of the loss first is a race: the surviving rank's collective (gloo: connection closed
+    # or reset by peer), or Ray, whose controller may stop that rank before its collective fails
+    assert LOSS_TOLD.search(logs), logs[-5000:]
     assert [count for _, count in result["workers"]][:2] == [2, 1], result["workers"]
     per_step = workers_by_step(root, "elastic")
     assert {per_step[step] for step in range(1, 11)} == {2} and {per_step[step] for step in range(11, 21)} == {1}
